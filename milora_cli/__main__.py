@@ -1,0 +1,3 @@
+from milora_cli.cli import main
+
+main()

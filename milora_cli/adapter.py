@@ -1,0 +1,187 @@
+"""The adapter layer, its injection into a model, and the initialisation of its factors.
+
+Every adapted linear layer computes
+
+    y = W x + s * B A dropout(x) - s * B0 A0 x          s = lora_alpha / r
+
+W is the untouched pretrained weight, A and B train, and A0, B0 are frozen copies of their initial
+values. At initialisation B A == B0 A0 bit for bit, so the correction is exactly zero and the model
+computes the base model's function in any dtype. This is the same model as the residual form
+W_res = W - s B0 A0 (MILORA.md) with the same gradients, without rounding W_res to bf16.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from milora_cli import svd
+from milora_cli.errors import ModelError
+
+Init = Literal["milora", "pissa", "lora"]
+ALL_LINEAR = "all-linear"
+_SVD_COMPONENTS: dict[str, svd.Components] = {"milora": "minor", "pissa": "principal"}
+
+
+class MiloraLinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update and its frozen initial value."""
+
+    def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float):
+        super().__init__()
+        out_features, in_features = base_layer.weight.shape
+        if not 0 < r <= min(out_features, in_features):
+            raise ModelError(f"adapter.r={r} is out of range for a {out_features}x{in_features} layer")
+        device = base_layer.weight.device
+        self.base_layer = base_layer
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / r
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        # Factors train in float32 whatever the base dtype: they are small, and bf16 factors would
+        # round away the updates to the minor components.
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
+        self.register_buffer("lora_A0", torch.zeros(r, in_features, device=device))
+        self.register_buffer("lora_B0", torch.zeros(out_features, r, device=device))
+        self.has_correction = False  # False while B0 A0 == 0 (the plain LoRA init)
+
+    def set_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, initial: bool = True) -> None:
+        """Load factors; `initial` also makes them the frozen B0, A0 the correction subtracts."""
+        with torch.no_grad():
+            self.lora_A.weight.copy_(lora_A)
+            self.lora_B.weight.copy_(lora_B)
+            if initial:
+                self.lora_A0.copy_(lora_A)
+                self.lora_B0.copy_(lora_B)
+                self.has_correction = bool(self.lora_B0.any())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        h = x.to(self.lora_A.weight.dtype)
+        delta = self.lora_B(self.lora_A(self.lora_dropout(h)))
+        if self.has_correction:
+            # The same ops on equal values as the trained path, so the difference is exactly 0 at init.
+            delta = delta - nn.functional.linear(nn.functional.linear(h, self.lora_A0), self.lora_B0)
+        return result + (self.scaling * delta).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The learned update dW = s (B A - B0 A0), float32, (out, in)."""
+        trained = self.lora_B.weight @ self.lora_A.weight
+        return self.scaling * (trained - self.lora_B0 @ self.lora_A0)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Full names of the model's nn.Linear layers, without the output embedding (lm_head)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not output]
+
+
+def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+    """Names of the layers to adapt: `all-linear`, or layers whose name or last parts match a target."""
+    linear = linear_layer_names(model)
+    if target_modules == ALL_LINEAR:
+        return linear
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    chosen = []
+    for target in targets:
+        hits = [name for name in linear if name == target or name.endswith("." + target)]
+        if not hits:
+            kinds = ", ".join(sorted({name.rsplit(".", 1)[-1] for name in linear}))
+            raise ModelError(
+                f"adapter.target_modules: '{target}' matched no linear layer; the model's linear layers are: {kinds}"
+            )
+        chosen += [name for name in hits if name not in chosen]
+    return [name for name in linear if name in chosen]  # model order
+
+
+def inject(model: nn.Module, names: Iterable[str], r: int, lora_alpha: float, lora_dropout: float) -> dict[str, MiloraLinear]:
+    """Freeze the model and replace each named nn.Linear by a MiloraLinear around it."""
+    model.requires_grad_(False)
+    adapters = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = MiloraLinear(getattr(parent, child), r, lora_alpha, lora_dropout)
+        setattr(parent, child, layer)
+        adapters[name] = layer
+    return adapters
+
+
+def adapters_of(model: nn.Module) -> dict[str, MiloraLinear]:
+    """The model's adapter layers by name (unwrapping DDP/FSDP/compile wrappers by name)."""
+    return {_strip_wrappers(name): m for name, m in model.named_modules() if isinstance(m, MiloraLinear)}
+
+
+def _strip_wrappers(name: str) -> str:
+    for prefix in ("module.", "_orig_mod.", "_fsdp_wrapped_module."):
+        name = name.replace(prefix, "")
+    return name
+
+
+def initial_factors(
+    layer: MiloraLinear, init: Init, svd_dtype: svd.SvdDtype, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0) of one layer: SVD components for milora/pissa, Kaiming-uniform A and zero B for lora."""
+    weight = layer.base_layer.weight
+    if init == "lora":
+        lora_A = torch.empty(layer.r, weight.shape[1])
+        # PEFT's default LoRA init: kaiming_uniform_(a=sqrt(5)) has bound 1/sqrt(in_features).
+        bound = 1.0 / math.sqrt(weight.shape[1])
+        lora_A.uniform_(-bound, bound, generator=generator)
+        return lora_A, torch.zeros(weight.shape[0], layer.r)
+    return svd.init_factors(weight, layer.r, layer.scaling, _SVD_COMPONENTS[init], svd_dtype)
+
+
+def initialise(
+    adapters: dict[str, MiloraLinear],
+    init: Init,
+    svd_dtype: svd.SvdDtype,
+    seed: int,
+    on_layer: Callable[[str], None] | None = None,
+) -> None:
+    """Set every adapter's factors and frozen initial factors for `init`, in a fixed layer order."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, layer in adapters.items():
+        lora_A, lora_B = initial_factors(layer, init, svd_dtype, generator)
+        layer.set_factors(lora_A, lora_B)
+        if on_layer is not None:
+            on_layer(name)
+
+
+def adapter_tensors(adapters: dict[str, MiloraLinear]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(trained, initial) factors keyed `{layer}.lora_A.weight` / `{layer}.lora_B.weight`, float32, CPU."""
+    trained, initial = {}, {}
+    for name, layer in adapters.items():
+        trained[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach().float().cpu().contiguous()
+        trained[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach().float().cpu().contiguous()
+        initial[f"{name}.lora_A.weight"] = layer.lora_A0.detach().float().cpu().contiguous()
+        initial[f"{name}.lora_B.weight"] = layer.lora_B0.detach().float().cpu().contiguous()
+    return trained, initial
+
+
+def load_adapter_tensors(
+    adapters: dict[str, MiloraLinear], trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+) -> None:
+    """Inverse of adapter_tensors: the initial factors first, then the trained ones over them."""
+    expected = {f"{name}.lora_{part}.weight" for name in adapters for part in "AB"}
+    for label, tensors in (("trained", trained), ("initial", initial)):
+        if set(tensors) != expected:
+            missing = sorted(expected - set(tensors))[:1] or sorted(set(tensors) - expected)[:1]
+            raise ModelError(f"{label} adapter factors do not match the model's adapted layers (first difference: {missing[0]})")
+    for name, layer in adapters.items():
+        layer.set_factors(initial[f"{name}.lora_A.weight"], initial[f"{name}.lora_B.weight"])
+        layer.set_factors(trained[f"{name}.lora_A.weight"], trained[f"{name}.lora_B.weight"], initial=False)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; frozen initial factors are buffers and count in neither."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

