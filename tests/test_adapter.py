@@ -1,0 +1,141 @@
+"""The adapter layer on a tiny seeded Llama: exact at init, trainable parts, merge, PEFT's forward."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from milora_cli import adapter
+from milora_cli.errors import ModelError
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(dtype=torch.float32, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def adapted(init: str, dtype=torch.float32, r: int = 4, alpha: float = 4.0, dropout: float = 0.0):
+    model = tiny_llama(dtype)
+    layers = adapter.inject(model, adapter.find_targets(model, TARGETS), r, alpha, dropout)
+    adapter.initialise(layers, init, "float64", seed=0)
+    return model, layers
+
+
+def tokens(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(seed))
+
+
+def rel_max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("init", ["milora", "pissa", "lora"])
+def test_fp32_logits_at_init_equal_the_base_model(init):
+    x = tokens()
+    base = tiny_llama()(x).logits
+    model, _ = adapted(init)
+    assert rel_max_error(model(x).logits, base) <= 1e-5
+
+
+@pytest.mark.parametrize("init", ["milora", "pissa", "lora"])
+def test_bf16_logits_at_init_are_bit_identical(init):
+    """bf16 base: the correction form computes B A x - B0 A0 x from equal values, so it is exactly 0."""
+    x = tokens()
+    base = tiny_llama(torch.bfloat16)(x).logits
+    model, _ = adapted(init, torch.bfloat16)
+    assert torch.equal(model(x).logits, base)
+
+
+def test_bf16_residual_form_would_not_be_exact():
+    """Why we keep W and a correction: W_res = W - s B0 A0 rounded to bf16 moves the logits (the floor)."""
+    x = tokens()
+    base = tiny_llama(torch.bfloat16)
+    reference = base(x).logits
+    model, layers = adapted("milora", torch.bfloat16)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            w_res = (layer.base_layer.weight.double() - layer.scaling * (layer.lora_B0 @ layer.lora_A0).double())
+            rounded = w_res.to(torch.bfloat16).double() + layer.scaling * (layer.lora_B0 @ layer.lora_A0).double()
+            base.get_submodule(name).weight.copy_(rounded.to(torch.bfloat16))
+    assert rel_max_error(base(x).logits, reference) > 1e-4
+
+
+def test_only_adapter_factors_receive_gradients():
+    model, layers = adapted("milora", dropout=0.1)
+    model.train()
+    model(tokens(), labels=tokens()).loss.backward()
+    for name, param in model.named_parameters():
+        is_factor = name.endswith(("lora_A.weight", "lora_B.weight"))
+        assert param.requires_grad == is_factor, name
+        assert (param.grad is not None) == is_factor, name
+    assert all(not buffer.requires_grad for name, buffer in model.named_buffers() if "lora_" in name)
+    trainable, total = adapter.count_parameters(model)
+    assert trainable == sum(4 * (l.lora_A.in_features + l.lora_B.out_features) for l in layers.values())
+
+
+def perturb(layers: dict, seed: int = 3) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_A.weight.add_(0.05 * torch.randn(layer.lora_A.weight.shape, generator=generator))
+            layer.lora_B.weight.add_(0.05 * torch.randn(layer.lora_B.weight.shape, generator=generator))
+
+
+@pytest.mark.parametrize("init", ["milora", "pissa", "lora"])
+def test_merged_weights_give_the_adapted_forward(init):
+    x = tokens()
+    model, layers = adapted(init)
+    perturb(layers)
+    expected = model(x).logits
+    merged = tiny_llama()
+    with torch.no_grad():
+        for name, layer in layers.items():
+            merged.get_submodule(name).weight.add_(layer.delta_weight())
+    assert rel_max_error(merged(x).logits, expected) <= 1e-5
+
+
+def test_lora_forward_matches_peft():
+    peft = pytest.importorskip("peft")
+    x = tokens()
+    model, layers = adapted("lora", r=4, alpha=8.0)
+    perturb(layers)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=True)
+    reference = peft.get_peft_model(tiny_llama(), config)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            target = reference.base_model.model.get_submodule(name)
+            target.lora_A["default"].weight.copy_(layer.lora_A.weight)
+            target.lora_B["default"].weight.copy_(layer.lora_B.weight)
+    assert rel_max_error(model(x).logits, reference(x).logits) <= 1e-5
+
+
+def test_adapter_tensors_round_trip():
+    model, layers = adapted("milora")
+    perturb(layers)
+    trained, initial = adapter.adapter_tensors(layers)
+    fresh_model, fresh = adapted("lora")
+    adapter.load_adapter_tensors(fresh, trained, initial)
+    x = tokens()
+    assert torch.equal(fresh_model(x).logits, model(x).logits)
+    with pytest.raises(ModelError, match="first difference"):
+        adapter.load_adapter_tensors(fresh, {k: v for k, v in trained.items() if "q_proj" not in k}, initial)
+
+
+def test_target_errors_name_the_model_layers():
+    model = tiny_llama()
+    with pytest.raises(ModelError, match="'q_prj' matched no linear layer.*q_proj"):
+        adapter.find_targets(model, ["q_prj"])
+    every = adapter.find_targets(model, "all-linear")
+    assert "lm_head" not in every and len(every) == 2 * 7
+    assert adapter.find_targets(model, ["model.layers.1.self_attn.q_proj"]) == ["model.layers.1.self_attn.q_proj"]
+
+
+def test_rank_larger_than_the_layer_is_refused():
+    model = tiny_llama()
+    with pytest.raises(ModelError, match="adapter.r=64"):
+        adapter.inject(model, adapter.find_targets(model, ["k_proj"]), 64, 64.0, 0.0)
