@@ -7,6 +7,7 @@ model is scored on exactly the prompts it was tuned on.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -27,6 +28,8 @@ from milora_cli.errors import DataError, ModelError
 # `BUILTIN_DATASETS["quickstart"] = generate`); `_load_builtin` imports them lazily, so this module
 # depends on none of them.
 BUILTIN_DATASETS: dict[str, Callable[[int], tuple[list[dict], list[dict]]]] = {}
+# name -> is_correct(generation, record): how a builtin's held-out answers are scored.
+BUILTIN_SCORERS: dict[str, Callable[[str, dict], bool]] = {}
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 
@@ -247,13 +250,21 @@ def _read_examples(path: str, fmt: str, split: str) -> list[Example]:
     return [normalize_record(r, fmt, source=path, index=i) for i, r in enumerate(raw)]
 
 
-def _load_builtin(name: str, seed: int) -> tuple[list[Example], list[Example]]:
-    try:
-        import milora_cli.quickstart  # noqa: F401 - registers "quickstart" into BUILTIN_DATASETS
-    except ModuleNotFoundError as e:
-        if e.name != "milora_cli.quickstart":  # a broken dependency inside it is a real error
-            raise
+def _register_builtins() -> None:
+    import milora_cli.quickstart  # noqa: F401 - registers "quickstart" into BUILTIN_DATASETS
 
+
+def scorer_for(cfg: Any) -> Callable[[str, Example], bool] | None:
+    """The held-out scorer of a builtin dataset, or None for data that brings no scorer of its own."""
+    if cfg.builtin is None:
+        return None
+    _register_builtins()
+    is_correct = BUILTIN_SCORERS[cfg.builtin]
+    return lambda generation, ex: is_correct(generation, dataclasses.asdict(ex))
+
+
+def _load_builtin(name: str, seed: int) -> tuple[list[Example], list[Example]]:
+    _register_builtins()
     if name not in BUILTIN_DATASETS:
         raise DataError(f"unknown builtin dataset '{name}'; available: {sorted(BUILTIN_DATASETS)}")
     train, heldout = BUILTIN_DATASETS[name](seed)

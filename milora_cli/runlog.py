@@ -37,9 +37,15 @@ def versions() -> dict[str, Any]:
 class MetricsLog:
     """metrics.jsonl in the run dir (one JSON object a line, flushed each line), plus TensorBoard if installed."""
 
-    def __init__(self, run_dir: Path, append: bool, tensorboard: bool):
+    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
+        """A fresh file, or on resume the old one cut back to what the checkpoint at resume_step had seen."""
         self.path = run_dir / "metrics.jsonl"
-        self.handle = self.path.open("a" if append else "w")
+        kept = ""
+        if resume_step is not None and self.path.is_file():
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = "".join(line + "\n" for line in lines if _step_of(line) <= resume_step)
+        self.handle = self.path.open("w")
+        self.handle.write(kept)
         self.board = None
         if tensorboard:
             try:
@@ -61,6 +67,13 @@ class MetricsLog:
         self.handle.close()
         if self.board is not None:
             self.board.close()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+        return float("inf")
 
 
 class Progress:

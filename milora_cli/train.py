@@ -204,7 +204,7 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         score("before")
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     collate = data.Collator(setup.tokenizer.pad_token_id)
-    log = MetricsLog(run_dir, append=isinstance(resume_from, Path), tensorboard=recipe.output.tensorboard and main)
+    log = MetricsLog(run_dir, step if isinstance(resume_from, Path) else None, recipe.output.tensorboard) if main else None
 
     def save(kind: str, val_loss: float | None = None) -> None:
         accelerator.wait_for_everyone()
@@ -257,12 +257,14 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
                 record = {"step": step, "loss": window_loss / window_tokens, "lr": lr,
                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
                           "tokens_per_s": window_seen / elapsed, "epoch": step * stream.global_batch / stream.n}
-                log.write(record) if main else None
+                if log:
+                    log.write(record)
                 progress.update(step, record)
                 window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.perf_counter()
             if setup.val_set.examples and cfg.eval_every and (step % cfg.eval_every == 0 or step == max_steps):
                 val_loss = validate()
-                log.write({"step": step, "val_loss": val_loss}) if main else None
+                if log:
+                    log.write({"step": step, "val_loss": val_loss})
                 progress.note(f"step {step}: validation loss {val_loss:.4f}")
                 if val_loss < best:
                     best = val_loss
@@ -274,7 +276,8 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
                 console.print(f"[yellow]interrupted:[/] checkpoint at step {step}; run the same command again to resume")
                 raise SystemExit(130)
     save("final")
-    log.close()
+    if log:
+        log.close()
     summary |= {"steps": step, "best_val_loss": best if best < math.inf else None}
     score("after")
     if main:

@@ -34,3 +34,41 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"real data folder {path} is absent (set MILORA_SHARED_DATA to ../shared/data)")
     return path
+
+
+TINY_RECORDS = [
+    {"instruction": f"Repeat the word {word} {n} times.", "input": "", "output": " ".join([word] * n), "answer": word}
+    for n in range(1, 9)
+    for word in ("red", "blue", "green", "yellow", "purple")
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_path) -> str:
+    """A tiny seeded Llama with SmolLM2's real tokenizer, saved as a plain local HF folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from milora_cli import models
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = models.load_tokenizer(smollm2_path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    """40 short LLM-Adapters records of varied length (so token-count normalisation matters)."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "tiny.json"
+    path.write_text(json.dumps(TINY_RECORDS))
+    return str(path)

@@ -1,0 +1,127 @@
+"""The training loop: accumulation equivalence, resume, init-only runs, and the real-model acceptance runs."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from milora_cli import checkpoint
+from milora_cli.recipe import validate
+from milora_cli.train import BatchStream, learning_rate, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_recipe(model_dir: str, data_path: str, out: Path, **train_overrides) -> dict:
+    return {
+        "model": {"name_or_path": model_dir},
+        "adapter": {"init": "milora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"path": data_path, "val_size": 8, "max_length": 64},
+        "train": {"max_steps": 3, "lr": 1e-2, "warmup_steps": 1, "log_every": 1, "eval_every": 2, **train_overrides},
+        "output": {"dir": str(out), "tensorboard": False},
+    }
+
+
+def run(raw: dict) -> dict:
+    return train(validate(raw), Console(quiet=True))
+
+
+def factors(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / checkpoint.ADAPTER_FILE)
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)).item() for k in a)
+
+
+def test_accumulation_4x2_equals_micro_batch_8(tiny_model_dir, tiny_data, tmp_path):
+    one = tmp_path / "one"
+    run(tiny_recipe(tiny_model_dir, tiny_data, one, micro_batch_size=8, gradient_accumulation_steps=1))
+    four = tmp_path / "four"
+    run(tiny_recipe(tiny_model_dir, tiny_data, four, micro_batch_size=2, gradient_accumulation_steps=4))
+    # Same loss and same full-gradient norm at every step (the loss is normalised by the label tokens
+    # of the whole global batch, not per micro-batch; the micro-batches here differ in token counts).
+    metrics = lambda run: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    for a, b in zip(metrics(one), metrics(four), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    # Adam divides by sqrt(v): float-rounding differences of near-zero gradients reach ~1e-5 of the weights.
+    assert max_rel_diff(factors(four / "adapter"), factors(one / "adapter")) < 2e-4
+
+
+def test_max_steps_zero_saves_the_initialised_adapter(tiny_model_dir, tiny_data, tmp_path):
+    out = tmp_path / "init"
+    summary = run(tiny_recipe(tiny_model_dir, tiny_data, out, max_steps=0))
+    assert summary["steps"] == 0
+    trained, initial, meta = checkpoint.read_adapter(out / "adapter")
+    assert trained.keys() == initial.keys() and all(torch.equal(trained[k], initial[k]) for k in trained)
+    assert meta["init"] == "milora" and meta["step"] == 0 and len(meta["target_modules"]) == 14
+
+
+def test_resume_gives_the_same_adapter_as_a_straight_run(tiny_model_dir, tiny_data, tmp_path):
+    straight = tmp_path / "straight"
+    run(tiny_recipe(tiny_model_dir, tiny_data, straight, max_steps=6, save_every=3))
+    # A run that stopped after its step-3 checkpoint: the same folder without what came later.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(straight, stopped)
+    for later in ("adapter", "best", "summary.json"):
+        shutil.rmtree(stopped / later, ignore_errors=True) if (stopped / later).is_dir() else (stopped / later).unlink(missing_ok=True)
+    raw = tiny_recipe(tiny_model_dir, tiny_data, stopped, max_steps=6, save_every=3)
+    (stopped / "recipe.yaml").write_text((straight / "recipe.yaml").read_text().replace(str(straight), str(stopped)))
+    run(raw)
+    assert max_rel_diff(factors(stopped / "adapter"), factors(straight / "adapter")) <= 1e-6
+    steps = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == sorted(steps) and steps.count(4) == 1  # the log was cut back to the checkpoint
+
+
+def test_a_run_dir_of_another_recipe_is_refused(tiny_model_dir, tiny_data, tmp_path):
+    from milora_cli.errors import RecipeError
+
+    out = tmp_path / "taken"
+    run(tiny_recipe(tiny_model_dir, tiny_data, out, max_steps=0))
+    with pytest.raises(RecipeError, match="different recipe"):
+        run(tiny_recipe(tiny_model_dir, tiny_data, out, max_steps=1))
+    assert run(tiny_recipe(tiny_model_dir, tiny_data, out, max_steps=0))["complete"]
+
+
+def test_batch_stream_splits_the_global_batch_across_processes():
+    one = BatchStream(40, seed=1, micro=4, accumulation=1, rank=0, world=1)
+    two = [BatchStream(40, seed=1, micro=2, accumulation=1, rank=rank, world=2) for rank in (0, 1)]
+    for step in range(12):  # crosses epoch boundaries
+        assert sorted(one.step(step)[0]) == sorted(two[0].step(step)[0] + two[1].step(step)[0])
+    epoch = [i for step in range(10) for i in one.step(step)[0]]
+    assert sorted(epoch) == list(range(40))
+
+
+def test_learning_rate_schedules():
+    recipe = validate({"data": {"builtin": "quickstart"}, "train": {"lr": 1.0, "warmup_steps": 2, "scheduler": "cosine"}})
+    lrs = [learning_rate(step, recipe, 10) for step in range(10)]
+    assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0 and all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] > 0
+
+
+def milora(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "milora_cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_quickstart_short_run_writes_safetensors_and_reproduces(smollm2_path, tmp_path):
+    """The acceptance run on the real model: safetensors + recipe.yaml, no pickle; same seed, same losses."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    common = ["train.max_steps=6", "train.log_every=1", "eval.heldout=0"]
+    result = milora("train", "recipes/quickstart.yaml", *common, f"output.dir={first}")
+    assert result.returncode == 0, result.stderr
+    files = {p.relative_to(first).as_posix() for p in first.rglob("*") if p.is_file()}
+    assert {"recipe.yaml", "versions.json", "metrics.jsonl", "adapter/adapter_model.safetensors", "adapter/adapter_init.safetensors"} <= files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
+    # rerun from the saved recipe into another dir: the same loss curve
+    result = milora("train", str(first / "recipe.yaml"), f"output.dir={second}")
+    assert result.returncode == 0, result.stderr
+    curve = lambda run: [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert len(curve(first)) == 6 and curve(first) == curve(second)
+    assert curve(first)[-1] < curve(first)[0]
