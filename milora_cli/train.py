@@ -121,18 +121,23 @@ def describe(recipe: Recipe, console: Console) -> None:
     console.print(Syntax(dump_recipe(recipe), "yaml", theme="ansi_dark"))
     setup = build(recipe, "cpu")
     trainable, total = adapter.count_parameters(setup.model)
-    train_set = setup.train_set
-    console.print(
-        f"data: {len(train_set.examples)} training examples ({train_set.n_truncated} truncated to "
-        f"{recipe.data.max_length} tokens, {train_set.n_dropped} dropped), {len(setup.val_set.examples)} validation"
-    )
+    console.print(_data_line(recipe, setup))
     console.print("first training example (dim: prompt, no loss; [bold green]green[/]: trained tokens):")
-    console.print(data.render_label_mask(setup.tokenizer, train_set.examples[0]))
+    console.print(data.render_label_mask(setup.tokenizer, setup.train_set.examples[0]))
     console.print(
         f"adapters on {len(setup.adapters)} layers; trainable parameters {trainable:,} of {total:,} "
         f"({100 * trainable / total:.3f}%)"
     )
     console.print("dry run: nothing trained, nothing written")
+
+
+def _data_line(recipe: Recipe, setup: Setup) -> str:
+    train_set = setup.train_set
+    return (
+        f"data: {len(train_set.examples)} training examples ({train_set.n_truncated} truncated to "
+        f"{recipe.data.max_length} tokens, {train_set.n_dropped} dropped as all-prompt), "
+        f"{len(setup.val_set.examples)} validation"
+    )
 
 
 def total_steps(recipe: Recipe, n_examples: int, global_batch: int) -> int:
@@ -158,6 +163,7 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     set_seed(cfg.seed)
 
     setup = build(recipe, accelerator.device)
+    console.print(_data_line(recipe, setup))
     note = models.quantisation_note(setup.model_path)
     if note:
         console.print(f"[yellow]note:[/] {recipe.model.name_or_path}: {note}")
@@ -190,6 +196,9 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
             checkpoint.write_text_atomic(run_dir / f"heldout_{label}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
             console.print(f"held-out score {label} training: [bold]{100 * accuracy:.1f}%[/] ({len(heldout)} examples)")
 
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
+        setup.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     loss_module = CausalLMLoss(setup.model)
     params = [p for p in setup.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)

@@ -72,3 +72,13 @@ def tiny_data(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("data") / "tiny.json"
     path.write_text(json.dumps(TINY_RECORDS))
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each test builds its own Accelerator (mixed precision differs between tests) in this one process."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -125,3 +125,19 @@ def test_quickstart_short_run_writes_safetensors_and_reproduces(smollm2_path, tm
     curve = lambda run: [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert len(curve(first)) == 6 and curve(first) == curve(second)
     assert curve(first)[-1] < curve(first)[0]
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_model_dir, tiny_data, tmp_path):
+    plain, checkpointed = tmp_path / "plain", tmp_path / "ckpt"
+    run(tiny_recipe(tiny_model_dir, tiny_data, plain, micro_batch_size=4))
+    run(tiny_recipe(tiny_model_dir, tiny_data, checkpointed, micro_batch_size=4, gradient_checkpointing=True))
+    assert max_rel_diff(factors(checkpointed / "adapter"), factors(plain / "adapter")) < 2e-4
+
+
+@pytest.mark.parametrize("dtype, mixed", [("bf16", "no"), ("fp32", "bf16")])
+def test_bf16_base_and_bf16_autocast_train(tiny_model_dir, tiny_data, tmp_path, dtype, mixed):
+    raw = tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "run", mixed_precision=mixed, max_steps=4)
+    raw["model"]["dtype"] = dtype
+    summary = run(raw)
+    curve = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert summary["steps"] == 4 and all(torch.isfinite(torch.tensor(curve))) and curve[-1] < curve[0]
