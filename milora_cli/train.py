@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 
 from milora_cli import adapter, checkpoint, data, evaluate, models
@@ -152,7 +152,9 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     mixed = cfg.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=mixed)
+    # cpu=True is what makes accelerate use gloo for a torchrun-launched job on a machine without CUDA.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)  # the frozen A0/B0 are equal on every rank
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
     main = accelerator.is_main_process
     console = console if (console is not None and main) else Console(quiet=not main)
     run_dir = Path(recipe.output.dir)
