@@ -1,9 +1,7 @@
 """`milora train`: recipe -> model -> adapters -> data -> the Accelerate loop -> checkpoints.
 
-The loop owns its batching: the training examples form one stream of seeded per-epoch permutations,
-and optimizer step k consumes the next G = world_size * accumulation * micro_batch examples. So the
-data position of a run is just its step count, which makes resume exact, and 2 processes x b examples
-see the same global batch as 1 process x 2b.
+The step math (loss, batching, schedule) lives in loop.py; this module reads top to bottom: claim the
+run folder, build, initialise, score before, train with validation and checkpoints, score after.
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ import json
 import math
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,68 +21,10 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 
 from milora_cli import adapter, checkpoint, data, evaluate, models
+from milora_cli.loop import BatchStream, CausalLMLoss, learning_rate, optimizer_step, validation_loss
 from milora_cli.errors import RecipeError
 from milora_cli.recipe import Recipe, dump_recipe
 from milora_cli.runlog import MetricsLog, Progress, versions
-
-# Architectures whose logits are exactly lm_head(last hidden state): the loss then projects only the
-# label positions onto the vocabulary instead of every prompt and padding position.
-_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3"}
-
-
-class CausalLMLoss(torch.nn.Module):
-    """Sum of next-token cross-entropies over label positions, and their count."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        self.plain_head = getattr(model.config, "model_type", None) in _PLAIN_HEAD
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-        targets = labels[:, 1:]  # (B, T-1)
-        keep = targets != -100  # (B, T-1)
-        if self.plain_head:
-            hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            logits = self.model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][keep])  # (N, V)
-        else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][keep]
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss, keep.sum()
-
-
-def learning_rate(step: int, recipe: Recipe, max_steps: int) -> float:
-    """The lr of optimizer step `step` (0-based)."""
-    cfg = recipe.train
-    warmup = min(cfg.warmup_steps, max_steps)
-    # 1) linear warmup from lr/warmup to lr
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    # 2) after warmup: constant, or decay to 0 at max_steps, linearly or on a half cosine
-    progress = (step - warmup) / max(1, max_steps - warmup)
-    decay = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}
-    return cfg.lr * decay[cfg.scheduler]
-
-
-class BatchStream:
-    """The examples of optimizer step k, split into this process's micro-batches."""
-
-    def __init__(self, n_examples: int, seed: int, micro: int, accumulation: int, rank: int, world: int):
-        self.n, self.seed, self.micro, self.accumulation, self.rank, self.world = n_examples, seed, micro, accumulation, rank, world
-        self.global_batch = micro * accumulation * world
-        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
-
-    def _index(self, position: int) -> int:
-        epoch = position // self.n
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return int(self._order[position % self.n])
-
-    def step(self, k: int) -> list[list[int]]:
-        indices = [self._index(k * self.global_batch + i) for i in range(self.global_batch)]
-        slots = [j * self.world + self.rank for j in range(self.accumulation)]  # micro-batch j of this rank
-        return [indices[s * self.micro : (s + 1) * self.micro] for s in slots]
-
 
 @dataclass
 class Setup:
@@ -149,59 +89,26 @@ def total_steps(recipe: Recipe, n_examples: int, global_batch: int) -> int:
 def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     """Run the recipe's training; returns a summary (steps, losses, held-out scores, paths)."""
     cfg = recipe.train
-    mixed = cfg.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    # cpu=True is what makes accelerate use gloo for a torchrun-launched job on a machine without CUDA.
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)  # the frozen A0/B0 are equal on every rank
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    accelerator = _accelerator(cfg.mixed_precision)
     main = accelerator.is_main_process
     console = console if (console is not None and main) else Console(quiet=not main)
     run_dir = Path(recipe.output.dir)
     recipe_yaml = dump_recipe(recipe)
+    # 1. claim the run folder: a fresh run, a resume, or nothing left to do
     resume_from = _claim_run_dir(run_dir, recipe_yaml, console)
     if resume_from == "complete":
         return {"complete": True, "run_dir": str(run_dir)}
     set_seed(cfg.seed)
-
+    # 2. model, adapters, data, initial factors
     setup = build(recipe, accelerator.device)
     console.print(_data_line(recipe, setup))
-    note = models.quantisation_note(setup.model_path)
-    if note:
-        console.print(f"[yellow]note:[/] {recipe.model.name_or_path}: {note}")
-    start = time.perf_counter()
-    adapter.initialise(setup.adapters, recipe.adapter.init, recipe.adapter.svd_dtype, cfg.seed)
-    init_seconds = time.perf_counter() - start
-    base_weights = {name: layer.base_layer.weight for name, layer in setup.adapters.items()}
-    meta = {
-        "init": recipe.adapter.init, "r": recipe.adapter.r, "lora_alpha": recipe.adapter.alpha,
-        "scaling": recipe.adapter.alpha / recipe.adapter.r, "lora_dropout": recipe.adapter.dropout,
-        "target_modules": list(setup.adapters), "base_model": recipe.model.name_or_path, "base_model_path": setup.model_path,
-        "revision": recipe.model.revision, "base_dtype": recipe.model.dtype,
-        "base_fingerprint": models.weights_fingerprint(base_weights), "versions": versions(),
-    }
-    trainable, total = adapter.count_parameters(setup.model)
-    console.print(
-        f"{recipe.adapter.init} init of {len(setup.adapters)} layers (r={recipe.adapter.r}) in {init_seconds:.1f} s on "
-        f"{accelerator.device}; trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
-    )
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "init_seconds": init_seconds, "trainable": trainable, "total": total}
-    scorer = data.scorer_for(recipe.data) or evaluate.contains_answer
-    heldout = [ex for ex in setup.val_examples if ex.answer][: recipe.eval.heldout]
-
-    def score(label: str) -> None:
-        if heldout and main:
-            accuracy, records = evaluate.heldout_accuracy(
-                setup.model, setup.tokenizer, heldout, scorer, recipe.eval.max_new_tokens, recipe.eval.batch_size
-            )
-            summary[f"heldout_{label}"] = accuracy
-            checkpoint.write_text_atomic(run_dir / f"heldout_{label}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-            console.print(f"held-out score {label} training: [bold]{100 * accuracy:.1f}%[/] ({len(heldout)} examples)")
-
+    meta, summary = _initialise(recipe, setup, accelerator, console)
+    saver = Saver(run_dir, setup.adapters, {**meta, "versions": versions()}, recipe_yaml, accelerator, cfg.keep_checkpoints)
+    scorer = HeldoutScorer(recipe, setup, run_dir, console, summary, enabled=main)
+    # 3. optimizer, batches, steps; resume or score the untrained model
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
         setup.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    loss_module = CausalLMLoss(setup.model)
     params = [p for p in setup.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     stream = BatchStream(len(setup.train_set.examples), cfg.seed, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
@@ -209,109 +116,150 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     max_steps = total_steps(recipe, len(setup.train_set.examples), stream.global_batch)
     step, best = 0, math.inf
     if isinstance(resume_from, Path):
-        step, best = _resume(resume_from, setup, optimizer, accelerator)
+        step, best = _resume(resume_from, setup, optimizer)
         console.print(f"resumed from {resume_from} at step {step}")
     else:
-        score("before")
-    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+        scorer.score("before")
+    loss_module, optimizer = accelerator.prepare(CausalLMLoss(setup.model), optimizer)
     collate = data.Collator(setup.tokenizer.pad_token_id)
     log = MetricsLog(run_dir, step if isinstance(resume_from, Path) else None, recipe.output.tensorboard) if main else None
-
-    def save(kind: str, val_loss: float | None = None) -> None:
-        accelerator.wait_for_everyone()
-        if not main:
-            return
-        trained, initial = adapter.adapter_tensors(setup.adapters)
-        final = {"best": run_dir / "best", "final": run_dir / "adapter"}.get(kind, run_dir / "checkpoints" / f"step-{step:06d}")
-        with checkpoint.atomic_folder(final) as folder:
-            checkpoint.write_adapter(folder, trained, initial, {**meta, "step": step, "val_loss": val_loss}, recipe_yaml)
-            if kind == "periodic":
-                rng = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
-                checkpoint.write_training_state(folder, optimizer.optimizer, {"step": step, "best_val_loss": best}, rng)
-        if kind == "periodic":
-            checkpoint.prune(run_dir, cfg.keep_checkpoints)
-
-    def validate() -> float:
-        return validation_loss(loss_module, setup.val_set, collate, cfg.micro_batch_size, accelerator)
-
-    interrupted = _interrupt_flag()
-    progress = Progress(console, max_steps, start_step=step, enabled=main)
-    window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.perf_counter()
+    # 4. the loop: a step, its log line, validation and the best adapter, periodic checkpoints
+    window = Window()
     loss_module.train()
-    with progress:
+    with Progress(console, max_steps, start_step=step, enabled=main) as progress, _interrupt_flag() as interrupted:
         while step < max_steps:
             micro = [collate([setup.train_set.examples[i] for i in part]) for part in stream.step(step)]
             micro = [{key: value.to(accelerator.device) for key, value in batch.items()} for batch in micro]
-            n_tokens = accelerator.reduce(sum(b["labels"][:, 1:].ne(-100).sum() for b in micro), "sum").item()
             lr = learning_rate(step, recipe, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = torch.zeros((), device=accelerator.device)
-            for j, batch in enumerate(micro):
-                # Normalise by the label tokens of the whole global batch, so accumulation and the
-                # number of processes do not change the gradient (DDP averages over processes).
-                sync = nullcontext() if j == len(micro) - 1 else accelerator.no_sync(loss_module)
-                with sync, accelerator.autocast():
-                    loss_sum, _ = loss_module(**batch)
-                    accelerator.backward(loss_sum * accelerator.num_processes / n_tokens)
-                step_loss += loss_sum.detach()
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+            step_loss, n_tokens, grad_norm = optimizer_step(loss_module, micro, accelerator, params, cfg.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             progress.advance(step)
-            window_loss += accelerator.reduce(step_loss, "sum").item()
-            window_tokens += n_tokens
-            window_seen += sum(int(b["attention_mask"].sum()) for b in micro) * accelerator.num_processes
+            window.add(accelerator.reduce(step_loss, "sum").item(), n_tokens,
+                       sum(int(b["attention_mask"].sum()) for b in micro) * accelerator.num_processes)
             if step == 1 or step % cfg.log_every == 0 or step == max_steps:
-                elapsed = time.perf_counter() - window_start
-                record = {"step": step, "loss": window_loss / window_tokens, "lr": lr,
-                          "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                          "tokens_per_s": window_seen / elapsed, "epoch": step * stream.global_batch / stream.n}
+                record = {"step": step, **window.flush(), "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                          "epoch": step * stream.global_batch / stream.n}
                 if log:
                     log.write(record)
                 progress.update(step, record)
-                window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.perf_counter()
             if setup.val_set.examples and cfg.eval_every and (step % cfg.eval_every == 0 or step == max_steps):
-                val_loss = validate()
+                val_loss = validation_loss(loss_module, setup.val_set, collate, cfg.micro_batch_size, accelerator)
                 if log:
                     log.write({"step": step, "val_loss": val_loss})
                 progress.note(f"step {step}: validation loss {val_loss:.4f}")
                 if val_loss < best:
                     best = val_loss
-                    save("best", val_loss)
+                    saver.save("best", step, val_loss=val_loss)
             if cfg.save_every and step % cfg.save_every == 0 and step < max_steps:
-                save("periodic")
+                saver.save("periodic", step, optimizer=optimizer.optimizer, best=best)
             if interrupted(accelerator) and step < max_steps:
-                save("periodic")
+                saver.save("periodic", step, optimizer=optimizer.optimizer, best=best)
                 console.print(f"[yellow]interrupted:[/] checkpoint at step {step}; run the same command again to resume")
                 raise SystemExit(130)
-    save("final")
+    # 5. the final adapter, the held-out score after training, the summary
+    saver.save("final", step)
     if log:
         log.close()
     summary |= {"steps": step, "best_val_loss": best if best < math.inf else None}
-    score("after")
+    scorer.score("after")
     if main:
         checkpoint.write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         console.print(f"adapter written to [bold]{run_dir / 'adapter'}[/]")
     return summary
 
 
-@torch.no_grad()
-def validation_loss(loss_module, val_set: data.TokenizedDataset, collate, micro: int, accelerator: Accelerator) -> float:
-    """Mean token loss over the validation set, each process scoring its own share."""
-    was_training = loss_module.training
-    loss_module.eval()
-    total = torch.zeros(2, device=accelerator.device)
-    share = val_set.examples[accelerator.process_index :: accelerator.num_processes]
-    for start in range(0, len(share), micro):
-        batch = {k: v.to(accelerator.device) for k, v in collate(share[start : start + micro]).items()}
-        with accelerator.autocast():
-            loss_sum, count = loss_module(**batch)
-        total += torch.stack([loss_sum.float(), count.float()])
-    loss_module.train(was_training)
-    total = accelerator.reduce(total, "sum")
-    return (total[0] / total[1].clamp(min=1)).item()
+def _accelerator(mixed_precision: str) -> Accelerator:
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # cpu=True is what makes accelerate use gloo for a torchrun-launched job on a machine without CUDA.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)  # the frozen A0/B0 are equal on every rank
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+
+
+def _initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console: Console) -> tuple[dict, dict]:
+    """Set the initial factors on the model's device; return the adapter metadata and a summary."""
+    note = models.quantisation_note(setup.model_path)
+    if note:
+        console.print(f"[yellow]note:[/] {recipe.model.name_or_path}: {note}")
+    start = time.perf_counter()
+    adapter.initialise(setup.adapters, recipe.adapter.init, recipe.adapter.svd_dtype, recipe.train.seed)
+    seconds = time.perf_counter() - start
+    trainable, total = adapter.count_parameters(setup.model)
+    console.print(
+        f"{recipe.adapter.init} init of {len(setup.adapters)} layers (r={recipe.adapter.r}) in {seconds:.1f} s on "
+        f"{accelerator.device}; trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
+    )
+    base_weights = {name: layer.base_layer.weight for name, layer in setup.adapters.items()}
+    meta = {
+        "init": recipe.adapter.init, "r": recipe.adapter.r, "lora_alpha": recipe.adapter.alpha,
+        "scaling": recipe.adapter.alpha / recipe.adapter.r, "lora_dropout": recipe.adapter.dropout,
+        "target_modules": list(setup.adapters), "base_model": recipe.model.name_or_path,
+        "base_model_path": setup.model_path, "revision": recipe.model.revision, "base_dtype": recipe.model.dtype,
+        "base_fingerprint": models.weights_fingerprint(base_weights),
+    }
+    summary = {"run_dir": recipe.output.dir, "init_seconds": seconds, "trainable": trainable, "total": total}
+    return meta, summary
+
+
+class Window:
+    """Token-weighted loss and throughput since the last log line."""
+
+    def __init__(self):
+        self.loss, self.tokens, self.seen, self.start = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss_sum: float, label_tokens: int, input_tokens: int) -> None:
+        self.loss, self.tokens, self.seen = self.loss + loss_sum, self.tokens + label_tokens, self.seen + input_tokens
+
+    def flush(self) -> dict[str, float]:
+        report = {"loss": self.loss / self.tokens, "tokens_per_s": self.seen / (time.perf_counter() - self.start)}
+        self.__init__()
+        return report
+
+
+class Saver:
+    """Writes adapter folders (final, best, periodic with training state) on the main process only."""
+
+    def __init__(self, run_dir: Path, adapters, meta: dict, recipe_yaml: str, accelerator: Accelerator, keep: int):
+        self.run_dir, self.adapters, self.meta, self.recipe_yaml = run_dir, adapters, meta, recipe_yaml
+        self.accelerator, self.keep = accelerator, keep
+
+    def save(self, kind: str, step: int, val_loss: float | None = None, optimizer=None, best: float | None = None) -> None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        trained, initial = adapter.adapter_tensors(self.adapters)
+        final = {"best": self.run_dir / "best", "final": self.run_dir / "adapter"}.get(kind, self.run_dir / "checkpoints" / f"step-{step:06d}")
+        with checkpoint.atomic_folder(final) as folder:
+            checkpoint.write_adapter(folder, trained, initial, {**self.meta, "step": step, "val_loss": val_loss}, self.recipe_yaml)
+            if kind == "periodic":
+                rng = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+                checkpoint.write_training_state(folder, optimizer, {"step": step, "best_val_loss": best}, rng)
+        if kind == "periodic":
+            checkpoint.prune(self.run_dir, self.keep)
+
+
+class HeldoutScorer:
+    """The held-out generation score before and after training (eval.heldout examples of the validation split)."""
+
+    def __init__(self, recipe: Recipe, setup: Setup, run_dir: Path, console: Console, summary: dict, enabled: bool):
+        self.recipe, self.setup, self.run_dir, self.console, self.summary = recipe, setup, run_dir, console, summary
+        self.examples = [ex for ex in setup.val_examples if ex.answer][: recipe.eval.heldout] if enabled else []
+        self.scorer = data.scorer_for(recipe.data) or evaluate.contains_answer
+
+    def score(self, label: str) -> None:
+        if not self.examples:
+            return
+        cfg = self.recipe.eval
+        accuracy, records = evaluate.heldout_accuracy(
+            self.setup.model, self.setup.tokenizer, self.examples, self.scorer, cfg.max_new_tokens, cfg.batch_size
+        )
+        self.summary[f"heldout_{label}"] = accuracy
+        checkpoint.write_text_atomic(self.run_dir / f"heldout_{label}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        self.console.print(f"held-out score {label} training: [bold]{100 * accuracy:.1f}%[/] ({len(self.examples)} examples)")
 
 
 def _claim_run_dir(run_dir: Path, recipe_yaml: str, console: Console) -> Path | str | None:
@@ -334,7 +282,7 @@ def _claim_run_dir(run_dir: Path, recipe_yaml: str, console: Console) -> Path | 
     return None
 
 
-def _resume(folder: Path, setup: Setup, optimizer: torch.optim.Optimizer, accelerator: Accelerator) -> tuple[int, float]:
+def _resume(folder: Path, setup: Setup, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
     trained, initial, _ = checkpoint.read_adapter(folder)
     adapter.load_adapter_tensors(setup.adapters, trained, initial)
     state, rng = checkpoint.read_training_state(folder, optimizer)
@@ -344,6 +292,7 @@ def _resume(folder: Path, setup: Setup, optimizer: torch.optim.Optimizer, accele
     return state["step"], state["best_val_loss"]
 
 
+@contextmanager
 def _interrupt_flag():
     """Turn SIGINT/SIGTERM into a flag the loop checks after each step, so a checkpoint is whole."""
     hit = {"signal": False}
@@ -353,9 +302,6 @@ def _interrupt_flag():
             raise KeyboardInterrupt
         hit["signal"] = True
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, handler)
-
     def interrupted(accelerator: Accelerator) -> bool:
         if accelerator.num_processes == 1:
             return hit["signal"]
@@ -363,4 +309,9 @@ def _interrupt_flag():
         flag = torch.tensor(float(hit["signal"]), device=accelerator.device)
         return accelerator.reduce(flag, "sum").item() > 0
 
-    return interrupted
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield interrupted
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

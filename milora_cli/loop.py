@@ -1,0 +1,113 @@
+"""One optimizer step's math: the loss, the batching stream, the learning rate, validation loss.
+
+The loop owns its batching: the training examples form one stream of seeded per-epoch permutations,
+and optimizer step k consumes the next G = world_size * accumulation * micro_batch examples. So the
+data position of a run is just its step count, which makes resume exact, and 2 processes x b examples
+see the same global batch as 1 process x 2b.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+from accelerate import Accelerator
+
+from milora_cli import data
+from milora_cli.recipe import Recipe
+
+# Architectures whose logits are exactly lm_head(last hidden state): the loss then projects only the
+# label positions onto the vocabulary instead of every prompt and padding position.
+_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+class CausalLMLoss(torch.nn.Module):
+    """Sum of next-token cross-entropies over label positions, and their count."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.plain_head = getattr(model.config, "model_type", None) in _PLAIN_HEAD
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        targets = labels[:, 1:]  # (B, T-1)
+        keep = targets != -100  # (B, T-1)
+        if self.plain_head:
+            hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            logits = self.model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][keep])  # (N, V)
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][keep]
+        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return loss, keep.sum()
+
+
+def learning_rate(step: int, recipe: Recipe, max_steps: int) -> float:
+    """The lr of optimizer step `step` (0-based)."""
+    cfg = recipe.train
+    warmup = min(cfg.warmup_steps, max_steps)
+    # 1) linear warmup from lr/warmup to lr
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    # 2) after warmup: constant, or decay to 0 at max_steps, linearly or on a half cosine
+    progress = (step - warmup) / max(1, max_steps - warmup)
+    decay = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1.0 + math.cos(math.pi * progress))}
+    return cfg.lr * decay[cfg.scheduler]
+
+
+class BatchStream:
+    """The examples of optimizer step k, split into this process's micro-batches."""
+
+    def __init__(self, n_examples: int, seed: int, micro: int, accumulation: int, rank: int, world: int):
+        self.n, self.seed, self.micro, self.accumulation, self.rank, self.world = n_examples, seed, micro, accumulation, rank, world
+        self.global_batch = micro * accumulation * world
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def _index(self, position: int) -> int:
+        epoch = position // self.n
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return int(self._order[position % self.n])
+
+    def step(self, k: int) -> list[list[int]]:
+        indices = [self._index(k * self.global_batch + i) for i in range(self.global_batch)]
+        slots = [j * self.world + self.rank for j in range(self.accumulation)]  # micro-batch j of this rank
+        return [indices[s * self.micro : (s + 1) * self.micro] for s in slots]
+
+
+
+def optimizer_step(loss_module, micro: list[dict[str, torch.Tensor]], accelerator: Accelerator, params, max_grad_norm: float | None):
+    """Forward/backward over this process's micro-batches of one step, then clip; returns
+    (summed token loss of this process, label tokens of the whole global batch, gradient norm or None).
+
+    The loss is normalised by the label tokens of the whole global batch, so accumulation and the
+    number of processes do not change the gradient (DDP averages gradients over processes).
+    """
+    n_tokens = accelerator.reduce(sum(b["labels"][:, 1:].ne(-100).sum() for b in micro), "sum").item()
+    step_loss = torch.zeros((), device=accelerator.device)
+    for j, batch in enumerate(micro):
+        sync = nullcontext() if j == len(micro) - 1 else accelerator.no_sync(loss_module)
+        with sync, accelerator.autocast():
+            loss_sum, _ = loss_module(**batch)
+            accelerator.backward(loss_sum * accelerator.num_processes / n_tokens)
+        step_loss += loss_sum.detach()
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
+    return step_loss, n_tokens, grad_norm
+
+
+@torch.no_grad()
+def validation_loss(loss_module, val_set: data.TokenizedDataset, collate, micro: int, accelerator: Accelerator) -> float:
+    """Mean token loss over the validation set, each process scoring its own share."""
+    was_training = loss_module.training
+    loss_module.eval()
+    total = torch.zeros(2, device=accelerator.device)
+    share = val_set.examples[accelerator.process_index :: accelerator.num_processes]
+    for start in range(0, len(share), micro):
+        batch = {k: v.to(accelerator.device) for k, v in collate(share[start : start + micro]).items()}
+        with accelerator.autocast():
+            loss_sum, count = loss_module(**batch)
+        total += torch.stack([loss_sum.float(), count.float()])
+    loss_module.train(was_training)
+    total = accelerator.reduce(total, "sum")
+    return (total[0] / total[1].clamp(min=1)).item()
