@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import sys
 from pathlib import Path
@@ -66,6 +67,44 @@ def train(
         describe(resolved, console)
         return
     run_training(resolved, console)
+
+
+class MergeFormat(str, enum.Enum):
+    merged = "merged"
+    peft = "peft"
+
+
+class MergeDtype(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@app.command()
+@user_errors
+def merge(
+    adapter: Annotated[
+        Path, typer.Option(help="A run dir (its adapter/) or an adapter folder (RUN/best, a checkpoint).", show_default=False)
+    ],
+    output: Annotated[Path, typer.Option(help="The folder to write; it must not exist (see --force).", show_default=False)],
+    base: Annotated[
+        str | None,
+        typer.Option(help="Base model: folder, hub id or smollm2-135m. Default: the one the run trained on.", show_default=False),
+    ] = None,
+    fmt: Annotated[
+        MergeFormat, typer.Option("--format", help="merged: a Hugging Face model folder; peft: a PEFT LoRA of the original base.")
+    ] = MergeFormat.merged,
+    dtype: Annotated[
+        MergeDtype | None,
+        typer.Option(help="dtype of the written weights. Default: the base's (merged), fp32 (peft).", show_default=False),
+    ] = None,
+    max_shard_size: Annotated[str, typer.Option(help="Largest weight file of a merged folder, e.g. 5GB, 500MB.")] = "5GB",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --output folder, once the new one is complete.")] = False,
+) -> None:
+    """Merge a trained adapter into the ORIGINAL base model, or export it as a plain PEFT LoRA of that base."""
+    from milora_cli.export import merge as run_merge
+
+    run_merge(adapter, output, base, fmt.value, dtype.value if dtype else None, max_shard_size, force, console)
 
 
 def main() -> None:  # pragma: no cover - `python -m milora_cli`

@@ -15,3 +15,7 @@ class DataError(MiloraError):
 
 class ModelError(MiloraError):
     """The model cannot be loaded or does not have the layers the recipe targets."""
+
+
+class ExportError(MiloraError):
+    """An adapter cannot be merged or exported as asked (base mismatch, output in the way, bad size)."""

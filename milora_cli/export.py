@@ -1,0 +1,273 @@
+"""`milora merge`: a trained adapter as merged weights or as a plain PEFT LoRA, against the ORIGINAL base.
+
+A milora layer computes y = W x + s (B A - B0 A0) x (adapter.py), so the learned update is
+
+    dW = s (B A - B0 A0) = s [B | -B0] [A ; A0]          s = lora_alpha / r
+
+merged: W' = W + dW, computed in float32, cast to the output dtype; every other tensor copied (and cast).
+peft:   a LoRA of rank 2r, A' = [A ; A0] (2r, in), B' = [B | -B0] (out, 2r), lora_alpha doubled so that the
+        scaling alpha'/r' is unchanged. Plain LoRA runs (B0 = 0) stay rank r: A and B as they are.
+
+The base is never built as a model: its tensors stream one at a time from its safetensors files into the
+output's (shards.py), so the peak memory is about one tensor plus the adapter, whatever the shard sizes.
+The output is written into a temporary folder beside it and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from rich.console import Console
+from safetensors.torch import save_file
+
+from milora_cli import checkpoint, models, shards
+from milora_cli.errors import ExportError, ModelError
+from milora_cli.runlog import versions
+
+Format = Literal["merged", "peft"]
+PROVENANCE_FILE = "milora_export.json"
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+_OUT_DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}  # --dtype -> safetensors' name
+# Weights (rewritten here), indexes of weights, READMEs and hidden files are not copied from the base.
+_NOT_COPIED = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf|h5|msgpack|onnx)$|.*\.index\.json$|^README\.md$|^\.")
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def merge(
+    adapter_path: Path, output: Path, base: str | None = None, fmt: Format = "merged", dtype: str | None = None,
+    max_shard_size: str = "5GB", force: bool = False, console: Console | None = None,
+) -> Path:
+    """Write the adapter at `adapter_path` merged into its base (or as a PEFT LoRA of it) to `output`."""
+    console = console or Console(quiet=True)
+    folder = adapter_folder(adapter_path)
+    trained, initial, meta = checkpoint.read_adapter(folder)
+    layers = list(meta["target_modules"])
+    shapes = {layer: (trained[f"{layer}.lora_B.weight"].shape[0], trained[f"{layer}.lora_A.weight"].shape[1]) for layer in layers}
+    limit = parse_size(max_shard_size)
+    _refuse_existing(output, force)
+    name, revision, base_folder = locate_base(base, meta, download=fmt == "merged")
+    for source in (folder, base_folder):
+        if source and (output.resolve() == source.resolve() or output.resolve() in source.resolve().parents):
+            raise ExportError(f"--output {output} holds {source}, which the merge reads; choose another folder")
+    tensors = None
+    if base_folder is None:
+        console.print(f"[yellow]note:[/] base {name} is not on this machine: the adapter is not checked against its weights")
+    else:
+        tensors = shards.read_index(base_folder)
+        check_base(tensors, _trained_on(meta, base_folder), shapes, name)
+        seen = models.weights_fingerprint(_LazyWeights(tensors, layers, models.DTYPES[meta["base_dtype"]]))
+        if seen != meta["base_fingerprint"]:
+            console.print(
+                f"[yellow]warning:[/] the weights of {name} differ from those the adapter was trained on (fingerprint "
+                f"{seen}, trained on {meta['base_fingerprint']}): another revision or dtype of the architecture? "
+                "The export is exact for this base, but the adapter was not trained on it"
+            )
+    source = base_folder / models.SOURCE_FILE if base_folder else None
+    provenance = {
+        "format": fmt, "adapter": str(folder.resolve()), "init": meta["init"], "r": meta["r"], "lora_alpha": meta["lora_alpha"],
+        "step": meta.get("step"), "base_model": name, "revision": revision, "base_fingerprint": meta["base_fingerprint"],
+        # A base converted by milora (the embedded GGUF model) is noted, not copied: the merge is not that file.
+        "derived_from": json.loads(source.read_text()) if source and source.is_file() else None, "versions": versions(),
+    }
+    with checkpoint.atomic_folder(output) as tmp:
+        if fmt == "peft":
+            write_peft(tmp, trained, initial, meta, name, revision, tensors, dtype)
+            what = f"PEFT LoRA adapter of {name}"
+        else:
+            n_shards, provenance["dtype"] = write_merged(tmp, base_folder, tensors, trained, initial, meta, dtype, limit)
+            what = f"{name} with the adapter merged ({n_shards} shard{'s' * (n_shards > 1)}, {provenance['dtype']})"
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+        (tmp / "README.md").write_text(_readme(provenance))
+    console.print(f"{what} written to [bold]{output}[/]")
+    return output
+
+
+def adapter_folder(path: Path) -> Path:
+    """RUN -> RUN/adapter; an adapter folder (RUN/best, a checkpoint) as it is."""
+    for candidate in (path, path / "adapter"):
+        if (candidate / checkpoint.META_FILE).is_file():
+            return candidate
+    if not path.exists():
+        raise ExportError(f"--adapter {path} does not exist")
+    raise ExportError(f"--adapter {path} is neither a run folder with adapter/ nor an adapter folder (no {checkpoint.META_FILE})")
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size like 5GB (decimal units, as Hugging Face uses), 500MB or 2GiB."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    size = int(float(match[1]) * _SIZE_UNITS[(match[2] or "B").upper()]) if match else 0
+    if size <= 0:
+        raise ExportError(f"--max-shard-size: '{text}' is not a positive size like 5GB, 500MB or 2GiB")
+    return size
+
+
+def locate_base(base: str | None, meta: dict[str, Any], download: bool) -> tuple[str, str | None, Path | None]:
+    """(name for from_pretrained, revision, local folder): --base, else the base the run trained on.
+
+    A hub id is downloaded (weights included) only when `download`; a PEFT export needs just its name.
+    """
+    revision = None
+    if base is None:
+        recorded = Path(meta["base_model_path"])
+        base, revision = (str(recorded), None) if recorded.is_dir() else (meta["base_model"], meta["revision"])
+    resolved = models.resolve(base)
+    if Path(resolved).is_dir():
+        return str(Path(resolved).resolve()), None, Path(resolved)
+    if not download:
+        return resolved, revision, None
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py"]
+    try:
+        return resolved, revision, Path(snapshot_download(resolved, revision=revision, allow_patterns=patterns))
+    except Exception as error:  # network, authentication, unknown repo: all a one-line user error
+        raise ModelError(f"cannot download base '{resolved}': {str(error).splitlines()[0]}") from None
+
+
+def check_base(
+    base: dict[str, shards.TensorInfo], trained_on: dict[str, shards.TensorInfo] | None, shapes: dict[str, tuple[int, int]], label: str
+) -> None:
+    """Refuse a base whose tensor names or shapes differ from the model the adapter was trained on.
+
+    `trained_on` is that model's index when its folder is still here; the adapted weights are always checked.
+    """
+    expected = {name: info.shape for name, info in (trained_on or {}).items()}
+    expected.update({f"{layer}.weight": shape for layer, shape in shapes.items()})
+    mismatch = f"base {label} is not the architecture the adapter was trained on:"
+    for name, shape in expected.items():
+        if name not in base:
+            raise ExportError(f"{mismatch} it has no tensor '{name}' (expected shape {list(shape)})")
+        if base[name].shape != shape:
+            raise ExportError(f"{mismatch} tensor '{name}' has shape {list(base[name].shape)}, expected {list(shape)}")
+    extra = next((name for name in base if name not in expected), None) if trained_on is not None else None
+    if extra:
+        raise ExportError(f"{mismatch} it has a tensor '{extra}' that the trained-on model has not")
+
+
+def _trained_on(meta: dict[str, Any], base_folder: Path) -> dict[str, shards.TensorInfo] | None:
+    recorded = Path(meta["base_model_path"])
+    if not recorded.is_dir() or recorded.resolve() == base_folder.resolve():
+        return None
+    try:
+        return shards.read_index(recorded)
+    except ModelError:  # a recorded base that is no longer readable: check the adapted weights only
+        return None
+
+
+class _LazyWeights(Mapping):
+    """{layer: base weight in `dtype`}, read on access: fingerprinting holds one weight at a time."""
+
+    def __init__(self, tensors: dict[str, shards.TensorInfo], layers: list[str], dtype: torch.dtype):
+        self.tensors, self.layers, self.dtype = tensors, layers, dtype
+
+    def __getitem__(self, layer: str) -> torch.Tensor:
+        return next(shards.read_tensors(self.tensors, [f"{layer}.weight"])).to(self.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def write_merged(
+    folder: Path, base_folder: Path, tensors: dict[str, shards.TensorInfo], trained: dict[str, torch.Tensor],
+    initial: dict[str, torch.Tensor], meta: dict[str, Any], dtype: str | None, max_shard_size: int,
+) -> tuple[int, str]:
+    """A Hugging Face folder of the base with W' = W + s (B A - B0 A0); returns (shards, dtype written)."""
+    layers, scaling = set(meta["target_modules"]), meta["scaling"]
+    if dtype is None:  # the base's dtype (float64 bases are written as float32)
+        base_dtype = tensors[f"{meta['target_modules'][0]}.weight"].dtype
+        dtype = next((key for key, value in _OUT_DTYPES.items() if value == base_dtype), "fp32")
+    out = _OUT_DTYPES[dtype]
+    entries = [(name, out if info.dtype in shards.FLOATING else info.dtype, info.shape) for name, info in tensors.items()]
+
+    def merged() -> Iterator[torch.Tensor]:
+        for name, weight in zip(tensors, shards.read_tensors(tensors, tensors)):
+            layer = name.removesuffix(".weight")
+            if layer in layers and name != layer:
+                A, B = trained[f"{layer}.lora_A.weight"], trained[f"{layer}.lora_B.weight"]
+                A0, B0 = initial[f"{layer}.lora_A.weight"], initial[f"{layer}.lora_B.weight"]
+                weight = weight.float() + scaling * (B @ A - B0 @ A0)  # (out, in)
+            yield weight.to(shards.DTYPES[out]) if weight.is_floating_point() else weight
+
+    n_shards = shards.write_sharded(folder, entries, merged(), max_shard_size)
+    _copy_model_files(base_folder, folder, dtype)
+    return n_shards, dtype
+
+
+def _copy_model_files(base_folder: Path, folder: Path, dtype: str) -> None:
+    """Config, tokenizer, generation config and code of the base; config.json gets the written dtype."""
+    for path in sorted(base_folder.iterdir()):
+        if path.is_file() and not _NOT_COPIED.match(path.name) and path.name != models.SOURCE_FILE:
+            shutil.copyfile(path, folder / path.name)
+    config = json.loads((folder / "config.json").read_text())
+    name = str(models.DTYPES[dtype]).removeprefix("torch.")
+    config["dtype"] = name
+    if "torch_dtype" in config:  # the key of transformers < 4.56
+        config["torch_dtype"] = name
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_peft(
+    folder: Path, trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], meta: dict[str, Any], base: str,
+    revision: str | None, tensors: dict[str, shards.TensorInfo] | None, dtype: str | None,
+) -> None:
+    """adapter_config.json + adapter_model.safetensors: a standard PEFT LoRA of the ORIGINAL base."""
+    layers = list(meta["target_modules"])
+    # Plain LoRA runs have B0 = 0: the correction vanishes and the rank stays r.
+    factor = 2 if any(initial[f"{layer}.lora_B.weight"].any() for layer in layers) else 1
+    weights = {}
+    for layer in layers:
+        A, B = trained[f"{layer}.lora_A.weight"], trained[f"{layer}.lora_B.weight"]
+        if factor == 2:
+            A = torch.cat([A, initial[f"{layer}.lora_A.weight"]], dim=0)  # (2r, in)
+            B = torch.cat([B, -initial[f"{layer}.lora_B.weight"]], dim=1)  # (out, 2r)
+        for part, value in (("A", A), ("B", B)):
+            weights[f"base_model.model.{layer}.lora_{part}.weight"] = value.to(models.DTYPES[dtype or "fp32"]).contiguous()
+    alpha = meta["lora_alpha"] * factor
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "revision": revision,
+        "r": meta["r"] * factor, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": meta["lora_dropout"], "target_modules": peft_targets(layers, tensors), "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+        "alpha_pattern": {}, "inference_mode": True,
+    }
+    save_file(weights, folder / PEFT_WEIGHTS, metadata={"format": "pt"})
+    (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def peft_targets(layers: list[str], tensors: dict[str, shards.TensorInfo] | None) -> list[str] | str:
+    """The adapted layers' leaf names, or an exact regex when those names would also pick other layers."""
+    leaves = sorted({layer.rsplit(".", 1)[-1] for layer in layers})
+    if tensors is not None:
+        modules = {name.removesuffix(".weight") for name in tensors if name.endswith(".weight")}
+        if any(module.rsplit(".", 1)[-1] in leaves and module not in layers for module in modules):
+            return "^(" + "|".join(re.escape(layer) for layer in layers) + ")$"  # PEFT full-matches a str
+    return leaves
+
+
+def _readme(provenance: dict[str, Any]) -> str:
+    kind = "weights with the adapter merged" if provenance["format"] == "merged" else "a PEFT LoRA adapter"
+    lines = [
+        f"# {kind.capitalize()}", "",
+        f"Written by `milora merge` from the {provenance['init']} adapter (r={provenance['r']}, "
+        f"lora_alpha={provenance['lora_alpha']}) at {provenance['adapter']}, against the original base "
+        f"`{provenance['base_model']}`. Details: {PROVENANCE_FILE}.",
+    ]
+    if provenance["derived_from"]:
+        source = provenance["derived_from"]
+        lines += ["", f"The base derives from {source['gguf_file']}: {source['note']}."]
+    return "\n".join(lines) + "\n"
+
+
+def _refuse_existing(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise ExportError(f"--output {output} exists; choose another folder or add --force to replace it")

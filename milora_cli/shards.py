@@ -1,0 +1,124 @@
+"""Model weights as safetensors shards, read and written one tensor at a time.
+
+Reading uses safetensors' safe_open on the files a model folder's index names (or its single
+model.safetensors), so nothing but the requested tensor is ever in memory. Writing plans the shards
+from names, dtypes and shapes alone, then writes each file's header first and streams its tensors after
+it: the header of a safetensors file is all that needs to be known up front.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from milora_cli.errors import ModelError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# safetensors' dtype names (the ones milora reads and writes)
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+FLOATING = {"F64", "F32", "BF16", "F16"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: str  # safetensors name, e.g. "BF16"
+    shape: tuple[int, ...]
+
+
+Entry = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype, shape) of a tensor to write
+
+
+def read_index(folder: Path) -> dict[str, TensorInfo]:
+    """Names, dtypes and shapes of a model folder's tensors, file by file, from the safetensors headers."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
+    else:
+        raise ModelError(f"{folder} has no {SINGLE_FILE} nor {INDEX_FILE}; milora reads safetensors weights only")
+    tensors = {}
+    for file in files:
+        with safe_open(folder / file, "pt") as handle:
+            for name in handle.keys():
+                part = handle.get_slice(name)
+                if part.get_dtype() not in DTYPES:
+                    raise ModelError(f"tensor '{name}' of {folder} has dtype {part.get_dtype()}, which milora does not handle")
+                tensors[name] = TensorInfo(folder / file, part.get_dtype(), tuple(part.get_shape()))
+    return tensors
+
+
+def read_tensors(tensors: dict[str, TensorInfo], names: Iterable[str]) -> Iterator[torch.Tensor]:
+    """The named tensors in order, opening each file once per run of consecutive names in it."""
+    for file, group in itertools.groupby(names, key=lambda name: tensors[name].file):
+        with safe_open(file, "pt") as handle:
+            for name in group:
+                yield handle.get_tensor(name)
+
+
+def nbytes(entry: Entry) -> int:
+    return math.prod(entry[2]) * DTYPES[entry[1]].itemsize
+
+
+def plan_shards(entries: list[Entry], max_shard_size: int) -> list[list[Entry]]:
+    """Consecutive tensors grouped into shards of at most max_shard_size bytes (a bigger tensor alone)."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + nbytes(entry) > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes(entry)
+    return shards
+
+
+def write_sharded(folder: Path, entries: list[Entry], tensors: Iterator[torch.Tensor], max_shard_size: int) -> int:
+    """Hugging Face weight files in `folder`: model.safetensors, or numbered shards and their index.
+
+    `tensors` yields the tensors of `entries` in order; returns the number of shards.
+    """
+    shards = plan_shards(entries, max_shard_size)
+    n = len(shards)
+    files = [SINGLE_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    for file, shard in zip(files, shards):
+        write_safetensors(folder / file, shard, itertools.islice(tensors, len(shard)))
+    if n > 1:
+        weight_map = {name: file for file, shard in zip(files, shards) for name, _, _ in shard}
+        index = {"metadata": {"total_size": sum(nbytes(entry) for entry in entries)}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return n
+
+
+def write_safetensors(path: Path, entries: list[Entry], tensors: Iterable[torch.Tensor]) -> None:
+    """One safetensors file written tensor by tensor: its header comes from the planned shapes, first."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for entry in entries:
+        name, dtype, shape = entry
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes(entry)]}
+        offset += nbytes(entry)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)) + raw)  # little-endian u64 header length, then the header
+        for (name, dtype, shape), tensor in zip(entries, tensors, strict=True):
+            assert tensor.dtype == DTYPES[dtype] and tuple(tensor.shape) == shape, name
+            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        handle.flush()
+        os.fsync(handle.fileno())
