@@ -192,9 +192,11 @@ def write_merged(
         for name, weight in zip(tensors, shards.read_tensors(tensors, tensors)):
             layer = name.removesuffix(".weight")
             if layer in layers and name != layer:
-                A, B = trained[f"{layer}.lora_A.weight"], trained[f"{layer}.lora_B.weight"]
-                A0, B0 = initial[f"{layer}.lora_A.weight"], initial[f"{layer}.lora_B.weight"]
-                weight = weight.float() + scaling * (B @ A - B0 @ A0)  # (out, in)
+                A = torch.cat([trained[f"{layer}.lora_A.weight"], initial[f"{layer}.lora_A.weight"]])  # (2r, in)
+                B = torch.cat([trained[f"{layer}.lora_B.weight"], -initial[f"{layer}.lora_B.weight"]], dim=1)  # (out, 2r)
+                # B A = B_trained A_trained - B0 A0 in one float32 GEMM, added in place to a copy of W (the
+                # read tensor is a view of the file): no (out, in) temporaries besides W' itself.
+                weight = weight.to(torch.float32, copy=True).addmm_(B, A, alpha=scaling)
             yield weight.to(shards.DTYPES[out]) if weight.is_floating_point() else weight
 
     n_shards = shards.write_sharded(folder, entries, merged(), max_shard_size)
