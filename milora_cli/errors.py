@@ -19,3 +19,7 @@ class ModelError(MiloraError):
 
 class ExportError(MiloraError):
     """An adapter cannot be merged or exported as asked (base mismatch, output in the way, bad size)."""
+
+
+class InspectError(MiloraError):
+    """`milora svd-inspect` was asked for something the model or run does not have, or a bad option."""

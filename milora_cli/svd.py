@@ -38,6 +38,11 @@ def decompose(weight: torch.Tensor, dtype: SvdDtype = "float64") -> Svd:
     return Svd(U, S, Vh)
 
 
+def singular_values(weight: torch.Tensor, dtype: SvdDtype = "float64") -> torch.Tensor:
+    """The singular values of `weight` in `dtype`, descending: the spectrum without U and V (much cheaper)."""
+    return torch.linalg.svdvals(weight.detach().to(_DTYPES[dtype]))  # (k,)
+
+
 def component_indices(k: int, r: int, components: Components) -> slice:
     """Which of the k descending singular triplets an init uses: the r last (minor) or r first."""
     if not 0 < r <= k:
