@@ -126,7 +126,11 @@ def _strip_wrappers(name: str) -> str:
 
 
 def initial_factors(
-    layer: MiloraLinear, init: Init, svd_dtype: svd.SvdDtype, generator: torch.Generator | None = None
+    layer: MiloraLinear,
+    init: Init,
+    svd_dtype: svd.SvdDtype,
+    svd_driver: svd.SvdDriver,
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A0, B0) of one layer: SVD components for milora/pissa, Kaiming-uniform A and zero B for lora."""
     weight = layer.base_layer.weight
@@ -136,20 +140,21 @@ def initial_factors(
         bound = 1.0 / math.sqrt(weight.shape[1])
         lora_A.uniform_(-bound, bound, generator=generator)
         return lora_A, torch.zeros(weight.shape[0], layer.r)
-    return svd.init_factors(weight, layer.r, layer.scaling, _SVD_COMPONENTS[init], svd_dtype)
+    return svd.init_factors(weight, layer.r, layer.scaling, _SVD_COMPONENTS[init], svd_dtype, svd_driver)
 
 
 def initialise(
     adapters: dict[str, MiloraLinear],
     init: Init,
     svd_dtype: svd.SvdDtype,
+    svd_driver: svd.SvdDriver,
     seed: int,
     on_layer: Callable[[str], None] | None = None,
 ) -> None:
     """Set every adapter's factors and frozen initial factors for `init`, in a fixed layer order."""
     generator = torch.Generator().manual_seed(seed)
     for name, layer in adapters.items():
-        lora_A, lora_B = initial_factors(layer, init, svd_dtype, generator)
+        lora_A, lora_B = initial_factors(layer, init, svd_dtype, svd_driver, generator)
         layer.set_factors(lora_A, lora_B)
         if on_layer is not None:
             on_layer(name)

@@ -44,6 +44,10 @@ class AdapterConfig(_Section):
         description="Layer names (last parts of module names, e.g. q_proj) or `all-linear` (every linear but lm_head).",
     )
     svd_dtype: Literal["float32", "float64"] = Field("float64", description="Precision of the decomposition.")
+    svd_driver: Literal["gram", "svd"] = Field(
+        "gram",
+        description="gram: eigh of the short side's Gram matrix in float64 (fast; full SVD where ill-conditioned); svd: full SVD.",
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod

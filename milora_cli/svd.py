@@ -7,6 +7,16 @@ For a weight W (out x in) with SVD W = U diag(S) V^T (S descending) and LoRA sca
 
 where the r components are the SMALLEST singular triplets for MiLoRA and the LARGEST for PiSSA.
 The decomposition always runs in float32 or float64: bf16/fp16 SVDs lose the minor components.
+
+Two drivers find the r components (`components_of`):
+
+    svd    the full thin SVD (torch.linalg.svd)
+    gram   eigh of the Gram matrix of the short side in float64: for in <= out, W^T W = V diag(S^2) V^T,
+           so S = sqrt(clamp(eigvals, 0)) and U_r = W V_r / S_r (for out < in the same with W W^T and
+           V_r = W^T U_r / S_r). The Gram squares the condition number: an eigenvalue's absolute error
+           is about eps64 * S_max^2, so S_i's relative error is about eps64 * (S_max / S_i)^2. Where a
+           chosen S_i is below GRAM_MIN_RELATIVE * S_max (1e-4 relative accuracy or worse) the driver
+           falls back to the full SVD.
 """
 
 from __future__ import annotations
@@ -18,6 +28,10 @@ import torch
 
 Components = Literal["minor", "principal"]
 SvdDtype = Literal["float32", "float64"]
+SvdDriver = Literal["gram", "svd"]
+
+# Below this S_i / S_max the Gram route's relative error on S_i exceeds ~1e-4 (eps64 / 1e-12).
+GRAM_MIN_RELATIVE = 1e-6
 
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
@@ -59,11 +73,54 @@ def svd_factors(svd: Svd, r: int, scaling: float, components: Components) -> tup
     return lora_A, lora_B
 
 
+def _components_svd(weight: torch.Tensor, r: int, components: Components, dtype: SvdDtype) -> Svd:
+    full = decompose(weight, dtype)
+    part = component_indices(full.S.numel(), r, components)
+    return Svd(full.U[:, part], full.S[part], full.Vh[part, :])
+
+
+def _components_gram(weight: torch.Tensor, r: int, components: Components, dtype: SvdDtype) -> Svd:
+    """The r chosen triplets from eigh of the short side's Gram matrix, in float64 whatever `dtype`."""
+    work = weight.detach().to(torch.float64)
+    out_features, in_features = work.shape
+    tall = in_features <= out_features
+    gram = work.T @ work if tall else work @ work.T  # (k, k), k = min(out, in)
+    eigvals, eigvecs = torch.linalg.eigh(gram)  # ascending
+    k = eigvals.numel()
+    part = component_indices(k, r, components)
+    # 1. eigh is ascending, SVD order is descending: flip the chosen columns
+    descending = torch.arange(k - 1, -1, -1, device=eigvals.device)[part]
+    S = torch.sqrt(torch.clamp(eigvals[descending], min=0))  # (r,)
+    largest = torch.sqrt(torch.clamp(eigvals[-1], min=0))
+    # 2. ill-conditioned for these components: the full SVD is accurate where the Gram is not
+    if not bool(largest > 0) or bool(S.min() < GRAM_MIN_RELATIVE * largest):
+        return _components_svd(weight, r, components, dtype)
+    short = eigvecs[:, descending]  # (k, r): V_r if tall, else U_r
+    other = (work @ short if tall else work.T @ short) / S[None, :]  # (out, r) U_r, or (in, r) V_r
+    U, V = (other, short) if tall else (short, other)
+    cast = _DTYPES[dtype]
+    return Svd(U.to(cast), S.to(cast), V.T.to(cast))
+
+
+_DRIVERS = {"svd": _components_svd, "gram": _components_gram}
+
+
+def components_of(weight: torch.Tensor, r: int, components: Components, dtype: SvdDtype, driver: SvdDriver) -> Svd:
+    """The r minor or principal singular triplets of `weight` (S descending), by `driver`."""
+    return _DRIVERS[driver](weight, r, components, dtype)
+
+
 def init_factors(
-    weight: torch.Tensor, r: int, scaling: float, components: Components, dtype: SvdDtype = "float64"
+    weight: torch.Tensor,
+    r: int,
+    scaling: float,
+    components: Components,
+    dtype: SvdDtype = "float64",
+    driver: SvdDriver = "svd",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decompose `weight` and return the (A0, B0) factors of its minor or principal components."""
-    return svd_factors(decompose(weight, dtype), r, scaling, components)
+    chosen = components_of(weight, r, components, dtype, driver)
+    return svd_factors(chosen, r, scaling, "minor")  # `chosen` holds exactly r triplets
 
 
 def residual(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
@@ -23,7 +24,7 @@ from rich.console import Console
 from milora_cli import adapter, checkpoint, data, evaluate, models
 from milora_cli.loop import BatchStream, CausalLMLoss, learning_rate, optimizer_step, validation_loss
 from milora_cli.errors import RecipeError
-from milora_cli.recipe import Recipe, dump_recipe
+from milora_cli.recipe import Recipe, dump_recipe, validate
 from milora_cli.runlog import MetricsLog, Progress, versions
 
 @dataclass
@@ -186,7 +187,7 @@ def _initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console:
     if note:
         console.print(f"[yellow]note:[/] {recipe.model.name_or_path}: {note}")
     start = time.perf_counter()
-    adapter.initialise(setup.adapters, recipe.adapter.init, recipe.adapter.svd_dtype, recipe.train.seed)
+    adapter.initialise(setup.adapters, recipe.adapter.init, recipe.adapter.svd_dtype, recipe.adapter.svd_driver, recipe.train.seed)
     seconds = time.perf_counter() - start
     trainable, total = adapter.count_parameters(setup.model)
     console.print(
@@ -266,7 +267,7 @@ def _claim_run_dir(run_dir: Path, recipe_yaml: str, console: Console) -> Path | 
     """Start, resume or refuse: a run dir belongs to one recipe. Returns None, a checkpoint, or 'complete'."""
     saved = run_dir / "recipe.yaml"
     if saved.is_file():
-        if saved.read_text() != recipe_yaml:
+        if _resolved(saved.read_text()) != recipe_yaml:
             raise RecipeError(
                 f"output.dir {run_dir} holds a run of a different recipe; choose another output.dir (or resume with its own {saved})"
             )
@@ -280,6 +281,14 @@ def _claim_run_dir(run_dir: Path, recipe_yaml: str, console: Console) -> Path | 
     checkpoint.write_text_atomic(saved, recipe_yaml)
     checkpoint.write_text_atomic(run_dir / "versions.json", json.dumps(versions(), indent=2))
     return None
+
+
+def _resolved(recipe_yaml: str) -> str | None:
+    """A saved recipe with today's defaults filled in, so a key added since does not orphan a run."""
+    try:
+        return dump_recipe(validate(yaml.safe_load(recipe_yaml) or {}))
+    except (RecipeError, yaml.YAMLError):
+        return None
 
 
 def _resume(folder: Path, setup: Setup, optimizer: torch.optim.Optimizer) -> tuple[int, float]:

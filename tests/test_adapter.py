@@ -22,7 +22,7 @@ def tiny_llama(dtype=torch.float32, seed: int = 0) -> LlamaForCausalLM:
 def adapted(init: str, dtype=torch.float32, r: int = 4, alpha: float = 4.0, dropout: float = 0.0):
     model = tiny_llama(dtype)
     layers = adapter.inject(model, adapter.find_targets(model, TARGETS), r, alpha, dropout)
-    adapter.initialise(layers, init, "float64", seed=0)
+    adapter.initialise(layers, init, "float64", "gram", seed=0)
     return model, layers
 
 

@@ -66,3 +66,56 @@ def test_rank_out_of_range(r):
     weight, _ = known_spectrum(20, 16)
     with pytest.raises(ValueError, match="rank"):
         svd.init_factors(weight, r, 1.0, "minor")
+
+
+def reference_components(weight: torch.Tensor, r: int, components: str) -> tuple[np.ndarray, np.ndarray]:
+    """(S_r, U_r diag(S_r) V_r^T) of the chosen components from numpy's float64 SVD."""
+    U, S, Vh = np.linalg.svd(weight.double().numpy(), full_matrices=False)
+    part = slice(len(S) - r, len(S)) if components == "minor" else slice(0, r)
+    return S[part], (U[:, part] * S[part]) @ Vh[part]
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96), (80, 80)])
+@pytest.mark.parametrize("components", ["minor", "principal"])
+def test_gram_driver_matches_float64_svd(shape, components):
+    """Random (Kaiming-like) weights: singular values to 1e-4 relative and the same product s B0 A0."""
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) / shape[1] ** 0.5
+    r, scaling = 8, 2.0
+    S_ref, product_ref = reference_components(weight, r, components)
+    chosen = svd.components_of(weight, r, components, "float64", "gram")
+    assert np.allclose(chosen.S.numpy(), S_ref, rtol=1e-4, atol=0)
+    assert torch.all(chosen.S[:-1] >= chosen.S[1:])
+    lora_A, lora_B = svd.init_factors(weight, r, scaling, components, "float64", "gram")
+    ours = scaling * (lora_B @ lora_A).numpy()
+    assert np.abs(ours - product_ref).max() <= 1e-8 * np.abs(product_ref).max()
+
+
+def test_gram_and_svd_drivers_agree_up_to_signs():
+    """Singular vectors differ by sign between drivers; the projectors U_r U_r^T and V_r V_r^T do not."""
+    weight, _ = known_spectrum(70, 50)
+    gram = svd.components_of(weight, 6, "minor", "float64", "gram")
+    full = svd.components_of(weight, 6, "minor", "float64", "svd")
+    assert torch.allclose(gram.S, full.S, rtol=1e-8)
+    assert torch.allclose(gram.U @ gram.U.T, full.U @ full.U.T, atol=1e-9)
+    assert torch.allclose(gram.Vh.T @ gram.Vh, full.Vh.T @ full.Vh, atol=1e-9)
+    flipped = svd.Svd(-gram.U, gram.S, -gram.Vh)  # a sign flip of both sides leaves the factors' product
+    A, B = svd.svd_factors(gram, 6, 1.0, "minor")
+    A2, B2 = svd.svd_factors(flipped, 6, 1.0, "minor")
+    assert torch.allclose(B @ A, B2 @ A2, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(60, 40), (40, 60)])
+def test_gram_falls_back_to_the_full_svd_on_a_rank_deficient_weight(shape, monkeypatch):
+    """Rank 30 of 40: the 8 minor singular values are ~0, where the Gram route cannot resolve vectors."""
+    rng = torch.Generator().manual_seed(2)
+    weight = torch.randn(shape[0], 30, generator=rng, dtype=torch.float64) @ torch.randn(30, shape[1], generator=rng, dtype=torch.float64)
+    calls = []
+    full_svd = svd.decompose
+    monkeypatch.setattr(svd, "decompose", lambda *args: calls.append(args) or full_svd(*args))
+    chosen = svd.components_of(weight, 8, "minor", "float64", "gram")
+    assert len(calls) == 1  # the fallback ran
+    assert chosen.S.max() < 1e-10 * torch.linalg.matrix_norm(weight, 2)
+    assert torch.allclose(chosen.U.T @ chosen.U, torch.eye(8, dtype=torch.float64), atol=1e-10)
+    # Well-conditioned components of the same matrix take the Gram route.
+    svd.components_of(weight, 8, "principal", "float64", "gram")
+    assert len(calls) == 1
