@@ -107,5 +107,26 @@ def merge(
     run_merge(adapter, output, base, fmt.value, dtype.value if dtype else None, max_shard_size, force, console)
 
 
+@app.command("svd-inspect")
+@user_errors
+def svd_inspect(
+    model: Annotated[
+        list[str],
+        typer.Argument(help="Model folder, hub id or smollm2-135m; or training run dir(s) (RUN, RUN/best, a checkpoint).", show_default=False),
+    ],
+    modules: Annotated[str | None, typer.Option(help="Module types, e.g. q_proj,v_proj. Default: all linear projections.", show_default=False)] = None,
+    layers: Annotated[str | None, typer.Option(help="Layer indices, e.g. 0-3 or 0,5,10-12. Default: all.", show_default=False)] = None,
+    rank: Annotated[int | None, typer.Option(min=1, help="r of the minor / principal bands. Default: the run's r, else 8.", show_default=False)] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="The arguments are runs: show their updates side by side (implied by several runs).")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write per matrix its name, shape, statistics and all singular values.", show_default=False)] = None,
+    csv_path: Annotated[Path | None, typer.Option("--csv", help="Write one row of statistics per matrix.", show_default=False)] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of the normalised spectra per module type (needs matplotlib).", show_default=False)] = None,
+) -> None:
+    """Singular-value spectra of a model's linear weights; for runs, where the learned update lies in them."""
+    from milora_cli.spectra_report import inspect
+
+    inspect(model, modules, layers, rank, compare, json_path, csv_path, plot, console)
+
+
 def main() -> None:  # pragma: no cover - `python -m milora_cli`
     sys.exit(app())

@@ -1,0 +1,233 @@
+"""`milora svd-inspect`: the analysis of a model or runs (spectra.py), shown as tables with sparklines.
+
+MODEL is a model (folder, hub id, smollm2-135m): the spectra of its linear projections. Or a training run
+(RUN, RUN/best, a checkpoint): the spectra of the base weights it adapted, and where its learned update
+lies. Several runs (or --compare): their updates side by side, e.g. a milora and a pissa run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from milora_cli import shards
+from milora_cli.errors import InspectError
+from milora_cli.models import quantisation_note
+from milora_cli.spectra import (
+    Run, Spectrum, UpdateStats, adapter_folder, by_module, device, model_spectra, open_run, projection_weights,
+    run_updates, select, spectrum_stats,
+)
+from milora_cli.spectra_files import require_matplotlib, write_csv, write_json, write_plot
+
+DEFAULT_RANK = 8  # the band width r for a model; a run's own r takes precedence
+SPARK_WIDTH = 24
+_BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+@dataclass(frozen=True)
+class Inspection:
+    model: str  # what the spectra are of: the model named, or the base of the (first) run
+    folder: Path
+    note: str | None  # the quantisation note of a model converted from a quantised file
+    rank: int
+    spectra: list[Spectrum]
+    cached: int  # how many spectra came from the cache
+    runs: list[Run]
+    updates: dict[str, dict[str, UpdateStats]]  # run label -> layer -> stats
+
+
+def inspect(
+    targets: list[str], modules: str | None = None, layers: str | None = None, rank: int | None = None,
+    compare: bool = False, json_path: Path | None = None, csv_path: Path | None = None, plot_path: Path | None = None,
+    console: Console | None = None,
+) -> Inspection:
+    """Analyse, print, and write the files asked for; returns the analysis."""
+    console = console or Console(quiet=True)
+    if plot_path:
+        require_matplotlib()
+    start = time.perf_counter()
+    found = analyse(targets, modules, layers, rank, compare)
+    seconds = time.perf_counter() - start
+    show(found, compare or len(found.runs) > 1, seconds, console)
+    for path, write in ((json_path, write_json), (csv_path, write_csv), (plot_path, write_plot)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(found, path)
+            console.print(f"wrote {path}")
+    return found
+
+
+def analyse(targets: list[str], modules: str | None, layers: str | None, rank: int | None, compare: bool) -> Inspection:
+    """1. runs or a model  2. the chosen matrices  3. their spectra  4. the runs' updates against them."""
+    from milora_cli.export import locate_base
+
+    for target in targets:
+        if not Path(target).expanduser().exists() and (target.startswith((".", "/", "~")) or target.count("/") > 1):
+            raise InspectError(f"'{target}' does not exist (MODEL is a model folder, a run dir, a hub id or smollm2-135m)")
+    folders = [adapter_folder(Path(target)) for target in targets]
+    if (compare or len(targets) > 1) and None in folders:
+        raise InspectError(
+            f"'{targets[folders.index(None)]}' is not a training run (no adapter_meta.json in it or in its adapter/); "
+            "--compare and several arguments take runs only"
+        )
+    runs = [open_run(Path(target), folder) for target, folder in zip(targets, folders) if folder is not None]
+    if runs:
+        model, folder = runs[0].meta["base_model"], runs[0].base
+        index = shards.read_index(folder)
+        layers_adapted = dict.fromkeys(layer for run in runs for layer in run.meta["target_modules"])
+        weights = {layer: index[f"{layer}.weight"] for layer in layers_adapted}
+    else:
+        model, (_, _, folder) = targets[0], locate_base(targets[0], {}, download=True)
+        weights = projection_weights(folder)
+    names = select(weights, modules, layers)
+    if not names:
+        raise InspectError(f"--modules {modules} with --layers {layers} selects no matrix")
+    r = rank or (runs[0].meta["r"] if runs else DEFAULT_RANK)
+    smallest = min(names, key=lambda name: min(weights[name].shape))
+    if r > min(weights[smallest].shape):
+        raise InspectError(f"--rank {r} exceeds the smaller side of {smallest} {list(weights[smallest].shape)}")
+    spectra, cached = model_spectra(weights, names)
+    return Inspection(model, folder, quantisation_note(str(folder)), r, spectra, cached, runs, run_updates(runs, names, rank))
+
+
+# ------------------------------------------------------------------------------------------ terminal
+
+
+def show(found: Inspection, compare: bool, seconds: float, console: Console) -> None:
+    """The spectra (per matrix, per module type) unless comparing runs; then the runs' updates."""
+    n = len(found.spectra)
+    console.print(
+        f"[bold]{found.model}[/]: {n} matrices, r={found.rank}, {found.cached} of {n} spectra from the cache, "
+        f"{seconds:.1f} s on {device().type}"
+    )
+    if found.note:
+        console.print(f"[yellow]note:[/] {found.note}", soft_wrap=True)
+    floor = _spark_floor(found.spectra)
+    if not compare:
+        console.print(spectra_table(found.spectra, found.rank, floor))
+        console.print(module_summary(found.spectra, found.rank, floor))
+    if found.runs:
+        console.print(runs_legend(found), highlight=False)
+        console.print(updates_table(found))
+        console.print(updates_summary(found))
+
+
+def _sampled_logs(S: torch.Tensor) -> torch.Tensor:
+    """log10(s_i / s_1) at SPARK_WIDTH evenly spaced indices, the first and the last included."""
+    index = torch.linspace(0, S.numel() - 1, SPARK_WIDTH).round().long()
+    return torch.log10((S[index] / S[0]).clamp(min=1e-12))  # (SPARK_WIDTH,)
+
+
+def _spark_floor(spectra: list[Spectrum]) -> float:
+    """One log10 scale for every sparkline, so that they compare: from the smallest s_k / s_1 seen up to 1."""
+    return min([math.floor(_sampled_logs(s.S).min().item()) for s in spectra] + [-1])
+
+
+def sparkline(logs: torch.Tensor, floor: float) -> str:
+    levels = ((logs - floor) / -floor * (len(_BLOCKS) - 1)).round().clamp(0, len(_BLOCKS) - 1).long()
+    return "".join(_BLOCKS[level] for level in levels.tolist())
+
+
+def _num(x: float) -> str:
+    return "–" if math.isnan(x) else "inf" if math.isinf(x) else f"{x:.3g}"
+
+
+def _pct(x: float) -> str:
+    return "–" if math.isnan(x) else f"{100 * x:.1f}%"
+
+
+def _short_names(names: list[str]) -> tuple[str, list[str]]:
+    """(the module path prefix all names share, e.g. 'model.layers.', the names without it)."""
+    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
+    prefix = prefix[: prefix.rfind(".") + 1]
+    return prefix, [name.removeprefix(prefix) for name in names]
+
+
+def spectra_table(spectra: list[Spectrum], r: int, floor: float) -> Table:
+    prefix, short = _short_names([s.name for s in spectra])
+    table = Table(title=f"Singular values per matrix (spectrum: s_i/s_1 on a log scale, 1e{floor:.0f} to 1)")
+    table.add_column(f"{prefix}…" if prefix else "matrix", no_wrap=True)
+    for column in ("shape", "s_max", "s_min", "cond", "eff. rank", f"minor {r} energy", f"principal {r} energy", "spectrum"):
+        table.add_column(column, justify="left" if column == "spectrum" else "right")
+    for s, name in zip(spectra, short):
+        stats = spectrum_stats(s.S, r)
+        table.add_row(
+            name, "x".join(map(str, s.shape)), _num(stats["largest"]), _num(stats["smallest"]), _num(stats["condition"]),
+            f"{stats['effective_rank']:.0f} / {s.S.numel()}", _pct(stats["minor_energy"]), _pct(stats["principal_energy"]),
+            sparkline(_sampled_logs(s.S), floor),
+        )
+    return table
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def module_summary(spectra: list[Spectrum], r: int, floor: float) -> Table:
+    table = Table(title="Per module type (means over layers; spectrum: mean of log s_i/s_1)")
+    for column in ("module", "matrices", "shape", "cond", "eff. rank", f"minor {r} energy", f"principal {r} energy", "spectrum"):
+        table.add_column(column, justify="left" if column in ("module", "spectrum") else "right")
+    by_name = {s.name: s for s in spectra}
+    for module, names in by_module([s.name for s in spectra]).items():
+        group = [by_name[name] for name in names]
+        stats = [spectrum_stats(s.S, r) for s in group]
+        mean = {key: _mean([row[key] for row in stats]) for key in stats[0]}
+        logs = torch.stack([_sampled_logs(s.S) for s in group]).mean(0)
+        table.add_row(
+            module, str(len(group)), "x".join(map(str, group[0].shape)), _num(mean["condition"]),
+            f"{mean['effective_rank']:.0f} / {group[0].S.numel()}", _pct(mean["minor_energy"]), _pct(mean["principal_energy"]),
+            sparkline(logs, floor),
+        )
+    return table
+
+
+def runs_legend(found: Inspection) -> str:
+    return "\n".join(
+        f"[{i}] {run.label}: {run.meta['init']}, r={run.meta['r']}, lora_alpha={run.meta['lora_alpha']:g}, step {run.meta.get('step')}"
+        for i, run in enumerate(found.runs, 1)
+    )
+
+
+def updates_table(found: Inspection) -> Table:
+    table = Table(title="Where the learned update dW = s(BA - B0A0) lies in W's r principal / r minor singular subspaces")
+    prefix, short = _short_names([s.name for s in found.spectra])
+    table.add_column(f"{prefix}…" if prefix else "matrix", no_wrap=True)
+    for i, _ in enumerate(found.runs, 1):
+        for column in ("|dW|/|W|", "principal", "minor", "max angle"):
+            table.add_column(f"[{i}]\n{column}", justify="right")
+    for name, label in zip([s.name for s in found.spectra], short):
+        row = [label]
+        for run in found.runs:
+            stats = found.updates[run.label].get(name)
+            row += [_num(stats.relative_norm), _pct(stats.principal_share), _pct(stats.minor_share), f"{stats.max_angle:.2g}°"] if stats else ["", "", "", ""]
+        table.add_row(*row)
+    return table
+
+
+def updates_summary(found: Inspection) -> Table:
+    table = Table(
+        title="Per module type (means over layers): the share of dW in W's principal / minor subspaces, and the top-r rotation",
+        caption="principal, minor: |U^T dW V|_F / |dW|_F for the r leading / trailing singular vectors of W; max angle, mean sin²: "
+        "principal angles between the top-r left singular subspaces of W and W + dW",
+    )
+    table.add_column("module")
+    for i, _ in enumerate(found.runs, 1):
+        for column in ("principal", "minor", "max angle", "mean sin²"):
+            table.add_column(f"[{i}]\n{column}", justify="right")
+    groups = by_module([s.name for s in found.spectra])
+    for module, names in [*groups.items(), ("all", [s.name for s in found.spectra])]:
+        row = [module]
+        for run in found.runs:
+            stats = [found.updates[run.label][name] for name in names if name in found.updates[run.label]]
+            row += [_pct(_mean([s.principal_share for s in stats])), _pct(_mean([s.minor_share for s in stats])),
+                    f"{_mean([s.max_angle for s in stats]):.2g}°", _num(_mean([s.mean_sin2 for s in stats]))]
+        table.add_row(*row, end_section=module == list(groups)[-1])
+    return table
