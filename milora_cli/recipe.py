@@ -48,6 +48,10 @@ class AdapterConfig(_Section):
         "gram",
         description="gram: eigh of the short side's Gram matrix in float64 (fast; full SVD where ill-conditioned); svd: full SVD.",
     )
+    cache_factors: bool = Field(
+        True,
+        description="Keep milora/pissa initial factors under $MILORA_CACHE/factors, keyed by the weights' sha256, so a rerun skips the decomposition.",
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 
-from milora_cli import adapter, checkpoint, data, evaluate, models
+from milora_cli import adapter, checkpoint, data, evaluate, init_cache, models
 from milora_cli.loop import BatchStream, CausalLMLoss, learning_rate, optimizer_step, validation_loss
 from milora_cli.errors import RecipeError
 from milora_cli.recipe import Recipe, dump_recipe, validate
@@ -187,12 +187,14 @@ def _initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console:
     if note:
         console.print(f"[yellow]note:[/] {recipe.model.name_or_path}: {note}")
     start = time.perf_counter()
-    adapter.initialise(setup.adapters, recipe.adapter.init, recipe.adapter.svd_dtype, recipe.adapter.svd_driver, recipe.train.seed)
+    report = init_cache.initialise(setup.adapters, recipe.adapter, recipe.train.seed, recipe.adapter.cache_factors,
+                                   accelerator.process_index, accelerator.num_processes)
     seconds = time.perf_counter() - start
     trainable, total = adapter.count_parameters(setup.model)
     console.print(
         f"{recipe.adapter.init} init of {len(setup.adapters)} layers (r={recipe.adapter.r}) in {seconds:.1f} s on "
-        f"{accelerator.device}; trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
+        f"{accelerator.device}{_init_source(report, accelerator.num_processes)}; "
+        f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
     )
     base_weights = {name: layer.base_layer.weight for name, layer in setup.adapters.items()}
     meta = {
@@ -202,8 +204,18 @@ def _initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console:
         "base_model_path": setup.model_path, "revision": recipe.model.revision, "base_dtype": recipe.model.dtype,
         "base_fingerprint": models.weights_fingerprint(base_weights),
     }
-    summary = {"run_dir": recipe.output.dir, "init_seconds": seconds, "trainable": trainable, "total": total}
+    summary = {"run_dir": recipe.output.dir, "init_seconds": seconds, "init_decomposed": report.computed,
+               "init_from_cache": report.cached, "trainable": trainable, "total": total}
     return meta, summary
+
+
+def _init_source(report: init_cache.InitReport, processes: int) -> str:
+    parts = []
+    if report.cached:
+        parts.append("init from cache" if not report.computed else f"{report.cached} layers from cache")
+    if report.computed and processes > 1:
+        parts.append(f"decomposed by {processes} processes")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 class Window:

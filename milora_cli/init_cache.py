@@ -1,0 +1,137 @@
+"""The initial factors, decomposed once: shared out across processes and cached on disk.
+
+Under N processes, target layer i (in model order) is decomposed by rank i % N alone and its factors are
+broadcast from that rank. Every rank then holds the same factors bit for bit (singular vectors are
+defined only up to sign, so a decomposition repeated on each rank need not agree), and the init time
+falls about as 1/N.
+
+The factors of the SVD inits are cached as safetensors under cache_root()/factors/, one file per layer,
+keyed by the sha256 of the weight's bytes (with its shape and dtype), the init, r, alpha and the svd
+driver and dtype. A rerun, a resume or another run on the same weights reads them instead of
+decomposing. Files are written under a temporary name and renamed; a file that cannot be read, or
+whose key or shapes differ, is recomputed and replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from milora_cli import adapter, models
+from milora_cli.recipe import AdapterConfig
+
+FORMAT = "milora-factors/1"
+Factors = tuple[torch.Tensor, torch.Tensor]  # (A0 (r, in), B0 (out, r)), float32
+
+
+@dataclass(frozen=True)
+class InitReport:
+    """Layers decomposed and layers read from the cache, over all processes; `mine`: decomposed here."""
+
+    computed: int
+    cached: int
+    mine: int
+
+
+def cache_dir() -> Path:
+    return models.cache_root() / "factors"
+
+
+def weight_digest(weight: torch.Tensor) -> str:
+    """sha256 of the tensor's bytes, shape and dtype (the full tensor, not a sample)."""
+    digest = hashlib.sha256(f"{tuple(weight.shape)}:{weight.dtype}:".encode())
+    digest.update(weight.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def cache_key(layer: adapter.MiloraLinear, cfg: AdapterConfig) -> str:
+    """Everything the factors depend on; the scaling alpha / r enters A0 and B0 as sqrt(S / s)."""
+    digest = weight_digest(layer.base_layer.weight)
+    return f"{FORMAT}|{digest}|init={cfg.init}|r={layer.r}|alpha={layer.lora_alpha}|{cfg.svd_driver}|{cfg.svd_dtype}"
+
+
+def read_cached(path: Path, key: str, layer: adapter.MiloraLinear) -> Factors | None:
+    """The cached factors of `key`, or None when absent, unreadable or not what this layer needs."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as opened:  # the key is checked from the file's own metadata
+            stored_key = (opened.metadata() or {}).get("key")
+            tensors = {name: opened.get_tensor(name) for name in opened.keys()}
+    except (SafetensorError, OSError, ValueError):
+        return None
+    lora_A, lora_B = tensors.get("lora_A"), tensors.get("lora_B")
+    if stored_key != key or lora_A is None or lora_B is None:
+        return None
+    if lora_A.shape != layer.lora_A0.shape or lora_B.shape != layer.lora_B0.shape:
+        return None
+    return lora_A, lora_B
+
+
+def write_cached(path: Path, key: str, factors: Factors) -> None:
+    """Write through a temporary sibling and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        lora_A, lora_B = (f.detach().float().cpu().contiguous() for f in factors)
+        save_file({"lora_A": lora_A, "lora_B": lora_B}, tmp, metadata={"format": FORMAT, "key": key})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _own_factors(layer: adapter.MiloraLinear, cfg: AdapterConfig, use_cache: bool) -> tuple[Factors, bool]:
+    """(factors, from_cache) of one layer this process is responsible for."""
+    if use_cache:
+        key = cache_key(layer, cfg)
+        path = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.safetensors"
+        cached = read_cached(path, key, layer)
+        if cached is not None:
+            return cached, True
+    lora_A, lora_B = adapter.initial_factors(layer, cfg.init, cfg.svd_dtype, cfg.svd_driver)
+    factors = (lora_A.float(), lora_B.float())  # what the layer holds; the cache stores exactly that
+    if use_cache:
+        write_cached(path, key, factors)
+    return factors, False
+
+
+def initialise(adapters: dict[str, adapter.MiloraLinear], cfg: AdapterConfig, seed: int, use_cache: bool,
+               rank: int = 0, world: int = 1) -> InitReport:
+    """Set every adapter's initial factors; the SVD inits decomposed once per layer over all processes."""
+    if cfg.init == "lora":  # random A, zero B from the seed: the same on every rank, nothing to share
+        adapter.initialise(adapters, cfg.init, cfg.svd_dtype, cfg.svd_driver, seed)
+        return InitReport(0, 0, 0)
+    names = list(adapters)
+    # 1. this rank's share (round-robin over the layers): from the cache or decomposed
+    owned: dict[str, Factors] = {}
+    counts = torch.zeros(2, dtype=torch.int64)  # (computed, cached)
+    for i, name in enumerate(names):
+        if i % world == rank:
+            owned[name], hit = _own_factors(adapters[name], cfg, use_cache)
+            counts[int(hit)] += 1
+    mine = int(counts[0])
+    # 2. every layer's factors from its owner to all ranks, then into the layers
+    for i, name in enumerate(names):
+        layer = adapters[name]
+        device = layer.lora_A0.device
+        if name in owned:
+            lora_A, lora_B = (f.to(device).contiguous() for f in owned[name])
+        else:
+            lora_A, lora_B = torch.empty_like(layer.lora_A0), torch.empty_like(layer.lora_B0)
+        if world > 1:
+            torch.distributed.broadcast(lora_A, src=i % world)
+            torch.distributed.broadcast(lora_B, src=i % world)
+        layer.set_factors(lora_A, lora_B)
+    if world > 1:
+        counts = counts.to(adapters[names[0]].lora_A0.device)
+        torch.distributed.all_reduce(counts)
+    return InitReport(int(counts[0]), int(counts[1]), mine)
