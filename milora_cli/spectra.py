@@ -218,11 +218,24 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def limit_cpu_threads() -> None:
+    """Decompose on one CPU thread when the cores are busy (load average + torch's threads > cores).
+
+    The OpenMP threads of a LAPACK call wait for each other at every step; on shared, busy cores one of
+    them is often descheduled, and the call gets 10x slower (svdvals of 2048x2048 in float64: 28 s on 2
+    threads, 2.4 s on 1, at load 4 on 2 cores). Left so for the rest of the process: setting any thread
+    count, even the one before, makes MKL thread every later small op (12 ms each on busy cores).
+    """
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device().type == "cpu" and torch.get_num_threads() > 1 and load + torch.get_num_threads() > (os.cpu_count() or 1):
+        torch.set_num_threads(1)
+
+
 def model_spectra(weights: dict[str, shards.TensorInfo], names: list[str]) -> tuple[list[Spectrum], int]:
     """(the spectra of the named weights, how many came from the cache), one tensor in memory at a time."""
-    tensor_names = [f"{name}.weight" for name in names]
+    files = {f"{name}.weight": weights[name] for name in names}  # read_tensors takes tensor names
     spectra, cached = [], 0
-    for name, weight in zip(names, shards.read_tensors({f"{n}.weight": weights[n] for n in names}, tensor_names)):
+    for name, weight in zip(names, shards.read_tensors(files, list(files))):
         S, hit = singular_values(weight, device())
         spectra.append(Spectrum(name, tuple(weight.shape), S))
         cached += hit
@@ -268,13 +281,18 @@ def run_updates(runs: list[Run], names: list[str], rank: int | None) -> dict[str
     results: dict[str, dict[str, UpdateStats]] = {run.label: {} for run in runs}
     indexes = {run.base: shards.read_index(run.base) for run in runs}
     for name in names:
-        for base_folder, index in indexes.items():
-            users = [run for run in runs if run.base == base_folder and name in run.meta["target_modules"]]
-            if not users:
-                continue
-            weight = next(shards.read_tensors(index, [f"{name}.weight"])).to(device(), torch.float64)  # (out, in)
-            base = svd.decompose(weight)
-            for run in users:
-                r = rank or run.meta["r"]
-                results[run.label][name] = update_stats(base, weight, run.delta(name).to(weight), r)
+        _layer_updates(name, runs, indexes, rank, results)
     return results
+
+
+def _layer_updates(name: str, runs: list[Run], indexes: dict[Path, dict[str, shards.TensorInfo]], rank: int | None,
+                   results: dict[str, dict[str, UpdateStats]]) -> None:
+    """One layer: read and decompose each base weight once, then measure every run's update against it."""
+    for base_folder, index in indexes.items():
+        users = [run for run in runs if run.base == base_folder and name in run.meta["target_modules"]]
+        if not users:
+            continue
+        weight = next(shards.read_tensors(index, [f"{name}.weight"])).to(device(), torch.float64)  # (out, in)
+        base = svd.decompose(weight)
+        for run in users:
+            results[run.label][name] = update_stats(base, weight, run.delta(name).to(weight), rank or run.meta["r"])

@@ -79,8 +79,8 @@ def write_plot(found: Inspection, path: Path) -> None:
     colours = plt.get_cmap("viridis")
     for ax, (module, names) in zip(axes.flat, groups.items()):
         k = by_name[names[0]].S.numel()
-        ax.axvspan(0.5, found.rank + 0.5, color="tab:blue", alpha=0.3, lw=0, label=f"principal r={found.rank}")
-        ax.axvspan(k - found.rank + 0.5, k + 0.5, color="tab:red", alpha=0.3, lw=0, label=f"minor r={found.rank}")
+        ax.axvspan(0.5, found.rank + 0.5, color="tab:blue", alpha=0.3, lw=0, label=f"principal r={found.rank} (PiSSA's init)")
+        ax.axvspan(k - found.rank + 0.5, k + 0.5, color="tab:red", alpha=0.3, lw=0, label=f"minor r={found.rank} (MiLoRA's init)")
         for name in names:
             S = by_name[name].S
             ax.semilogy(torch.arange(1, S.numel() + 1), S / S[0], color=colours((by_name[name].layer or 0) / last_layer), lw=0.7)
@@ -90,9 +90,11 @@ def write_plot(found: Inspection, path: Path) -> None:
         ax.tick_params(labelsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel("s_i / s_1", fontsize=8)
-    for ax in list(axes.flat)[len(groups):]:
+    spare = list(axes.flat)[len(groups):]
+    for ax in spare:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="lower left")
+    handles, labels = axes.flat[0].get_legend_handles_labels()  # the legend goes into a spare panel if any
+    (spare[0] if spare else axes.flat[0]).legend(handles, labels, fontsize=8 if spare else 7, loc="center" if spare else "lower left")
     fig.colorbar(plt.cm.ScalarMappable(cmap=colours, norm=plt.Normalize(0, last_layer)), ax=axes, label="layer", shrink=0.8)
     title = f"{found.model}: normalised singular values per module type"
     fig.suptitle(title + (f"\n{textwrap.fill('note: ' + found.note, 110)}" if found.note else ""), fontsize=10)

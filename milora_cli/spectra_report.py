@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -21,13 +22,14 @@ from milora_cli import shards
 from milora_cli.errors import InspectError
 from milora_cli.models import quantisation_note
 from milora_cli.spectra import (
-    Run, Spectrum, UpdateStats, adapter_folder, by_module, device, model_spectra, open_run, projection_weights,
-    run_updates, select, spectrum_stats,
+    Run, Spectrum, UpdateStats, adapter_folder, by_module, device, limit_cpu_threads, model_spectra, open_run,
+    projection_weights, run_updates, select, spectrum_stats,
 )
 from milora_cli.spectra_files import require_matplotlib, write_csv, write_json, write_plot
 
 DEFAULT_RANK = 8  # the band width r for a model; a run's own r takes precedence
 SPARK_WIDTH = 24
+SPARK_MIN_CONSOLE = 120  # narrower terminals get the tables without their sparkline column
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
 
@@ -93,6 +95,7 @@ def analyse(targets: list[str], modules: str | None, layers: str | None, rank: i
     smallest = min(names, key=lambda name: min(weights[name].shape))
     if r > min(weights[smallest].shape):
         raise InspectError(f"--rank {r} exceeds the smaller side of {smallest} {list(weights[smallest].shape)}")
+    limit_cpu_threads()
     spectra, cached = model_spectra(weights, names)
     return Inspection(model, folder, quantisation_note(str(folder)), r, spectra, cached, runs, run_updates(runs, names, rank))
 
@@ -109,7 +112,7 @@ def show(found: Inspection, compare: bool, seconds: float, console: Console) -> 
     )
     if found.note:
         console.print(f"[yellow]note:[/] {found.note}", soft_wrap=True)
-    floor = _spark_floor(found.spectra)
+    floor = _spark_floor(found.spectra) if console.width >= SPARK_MIN_CONSOLE else None  # no room: numbers first
     if not compare:
         console.print(spectra_table(found.spectra, found.rank, floor))
         console.print(module_summary(found.spectra, found.rank, floor))
@@ -150,18 +153,28 @@ def _short_names(names: list[str]) -> tuple[str, list[str]]:
     return prefix, [name.removeprefix(prefix) for name in names]
 
 
-def spectra_table(spectra: list[Spectrum], r: int, floor: float) -> Table:
+def _title(what: str, r: int, floor: float | None) -> str:
+    spectrum = f"; spectrum: s_i/s_1 on a log scale from 1e{floor:.0f} to 1" if floor is not None else ""
+    return f"{what} (minor E, princ. E: share of sum s_i^2 in the r={r} smallest / largest{spectrum})"
+
+
+def _columns(table: Table, names: tuple[str, ...], floor: float | None) -> None:
+    for column in names + ("minor E", "princ. E") + (("spectrum",) if floor is not None else ()):
+        table.add_column(column, justify="left" if column in ("module", "spectrum") else "right", no_wrap=True)
+
+
+def spectra_table(spectra: list[Spectrum], r: int, floor: float | None) -> Table:
+    """One row per matrix; `floor` is the sparklines' log10 scale, None for none."""
     prefix, short = _short_names([s.name for s in spectra])
-    table = Table(title=f"Singular values per matrix (spectrum: s_i/s_1 on a log scale, 1e{floor:.0f} to 1)")
+    table = Table(box=box.SIMPLE_HEAD, title=_title("Singular values per matrix", r, floor))
     table.add_column(f"{prefix}…" if prefix else "matrix", no_wrap=True)
-    for column in ("shape", "s_max", "s_min", "cond", "eff. rank", f"minor {r} energy", f"principal {r} energy", "spectrum"):
-        table.add_column(column, justify="left" if column == "spectrum" else "right")
+    _columns(table, ("shape", "s_max", "s_min", "cond", "eff. rank"), floor)
     for s, name in zip(spectra, short):
         stats = spectrum_stats(s.S, r)
         table.add_row(
             name, "x".join(map(str, s.shape)), _num(stats["largest"]), _num(stats["smallest"]), _num(stats["condition"]),
-            f"{stats['effective_rank']:.0f} / {s.S.numel()}", _pct(stats["minor_energy"]), _pct(stats["principal_energy"]),
-            sparkline(_sampled_logs(s.S), floor),
+            f"{stats['effective_rank']:.0f}/{s.S.numel()}", _pct(stats["minor_energy"]), _pct(stats["principal_energy"]),
+            *([sparkline(_sampled_logs(s.S), floor)] if floor is not None else []),
         )
     return table
 
@@ -171,20 +184,20 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def module_summary(spectra: list[Spectrum], r: int, floor: float) -> Table:
-    table = Table(title="Per module type (means over layers; spectrum: mean of log s_i/s_1)")
-    for column in ("module", "matrices", "shape", "cond", "eff. rank", f"minor {r} energy", f"principal {r} energy", "spectrum"):
-        table.add_column(column, justify="left" if column in ("module", "spectrum") else "right")
+def module_summary(spectra: list[Spectrum], r: int, floor: float | None) -> Table:
+    """One row per module type: means over its layers (the sparkline: of log s_i/s_1)."""
+    table = Table(box=box.SIMPLE_HEAD, title=_title("Per module type, means over layers", r, floor))
+    _columns(table, ("module", "matrices", "shape", "cond", "eff. rank"), floor)
     by_name = {s.name: s for s in spectra}
     for module, names in by_module([s.name for s in spectra]).items():
         group = [by_name[name] for name in names]
         stats = [spectrum_stats(s.S, r) for s in group]
         mean = {key: _mean([row[key] for row in stats]) for key in stats[0]}
-        logs = torch.stack([_sampled_logs(s.S) for s in group]).mean(0)
+        logs = torch.stack([_sampled_logs(s.S) for s in group]).mean(0)  # (SPARK_WIDTH,)
         table.add_row(
             module, str(len(group)), "x".join(map(str, group[0].shape)), _num(mean["condition"]),
-            f"{mean['effective_rank']:.0f} / {group[0].S.numel()}", _pct(mean["minor_energy"]), _pct(mean["principal_energy"]),
-            sparkline(logs, floor),
+            f"{mean['effective_rank']:.0f}/{group[0].S.numel()}", _pct(mean["minor_energy"]), _pct(mean["principal_energy"]),
+            *([sparkline(logs, floor)] if floor is not None else []),
         )
     return table
 
@@ -197,7 +210,7 @@ def runs_legend(found: Inspection) -> str:
 
 
 def updates_table(found: Inspection) -> Table:
-    table = Table(title="Where the learned update dW = s(BA - B0A0) lies in W's r principal / r minor singular subspaces")
+    table = Table(box=box.SIMPLE_HEAD, title="Where the learned update dW = s(BA - B0A0) lies in W's r principal / r minor singular subspaces")
     prefix, short = _short_names([s.name for s in found.spectra])
     table.add_column(f"{prefix}…" if prefix else "matrix", no_wrap=True)
     for i, _ in enumerate(found.runs, 1):
@@ -214,11 +227,12 @@ def updates_table(found: Inspection) -> Table:
 
 def updates_summary(found: Inspection) -> Table:
     table = Table(
+        box=box.SIMPLE_HEAD,
         title="Per module type (means over layers): the share of dW in W's principal / minor subspaces, and the top-r rotation",
         caption="principal, minor: |U^T dW V|_F / |dW|_F for the r leading / trailing singular vectors of W; max angle, mean sin²: "
         "principal angles between the top-r left singular subspaces of W and W + dW",
     )
-    table.add_column("module")
+    table.add_column("module", no_wrap=True)
     for i, _ in enumerate(found.runs, 1):
         for column in ("principal", "minor", "max angle", "mean sin²"):
             table.add_column(f"[{i}]\n{column}", justify="right")
