@@ -1,0 +1,126 @@
+"""Training throughput and peak memory: `milora train` vs a PEFT LoRA model in a plain PyTorch loop.
+
+    python benchmarks/train_throughput.py [--model smollm2-135m] [--steps 12] [--micro-batch 8] [--rank 32]
+
+Same model (fp32), same data (the real BoolQ training set of ../shared/data in LLM-Adapters format,
+tokenised by milora's data module, max 256 tokens), same batches (milora's seeded BatchStream and
+Collator: both loops see the same padded tensors at every step), adapters r on q,k,v,up,down with
+dropout 0.05, AdamW, gradient clipping at 1.0, no mixed precision:
+  milora   `milora train` (init milora, the factor cache on) in a child process; per-step tokens/s from
+           its metrics.jsonl
+  PEFT     get_peft_model(LoraConfig(r, target_modules)) and a plain loop: model(**batch).loss,
+           backward, clip, step; the loss from the model's full logits as HF computes it
+Tokens/s counts input tokens (the attention mask) of steps 3..N (the first two warm up). Peak memory
+is the child's ru_maxrss (os.wait4), including model load and init. The parent imports no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "commonsense" / "boolq" / "train.json"
+WARMUP = 2
+
+PEFT_LOOP = """
+import json, sys, time
+import torch
+from peft import LoraConfig, get_peft_model
+from milora_cli import data, models
+from milora_cli.loop import BatchStream
+from milora_cli.recipe import load_recipe
+
+recipe_path, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+recipe = load_recipe(recipe_path)
+cfg = recipe.train
+torch.manual_seed(cfg.seed)
+path = models.resolve(recipe.model.name_or_path)
+tokenizer = models.load_tokenizer(path)
+model = models.load_model(path, recipe.model.dtype)
+lora = LoraConfig(r=recipe.adapter.r, lora_alpha=recipe.adapter.alpha, lora_dropout=recipe.adapter.dropout,
+                  target_modules=recipe.adapter.target_modules, task_type="CAUSAL_LM")
+model = get_peft_model(model, lora)
+model.train()
+train_examples, _ = data.load_records(recipe.data, cfg.seed)
+train_set = data.build_dataset(train_examples, tokenizer, recipe.data.max_length, recipe.data.train_on_prompt)
+stream = BatchStream(len(train_set.examples), cfg.seed, cfg.micro_batch_size, 1, 0, 1)
+collate = data.Collator(tokenizer.pad_token_id)
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+records = []
+for step in range(steps):
+    batch = collate([train_set.examples[i] for i in stream.step(step)[0]])
+    start = time.perf_counter()
+    loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    records.append({"step": step + 1, "seconds": time.perf_counter() - start, "tokens": int(batch["attention_mask"].sum())})
+json.dump(records, open(out, "w"))
+"""
+
+
+def run_child(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of a child process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    stderr = process.stderr.read().decode()
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{command[:4]} failed:\n{stderr[-3000:]}")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024**2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--max-examples", type=int, default=2000)
+    args = parser.parse_args()
+    env = {**os.environ, "COLUMNS": "200"}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        recipe = {
+            "model": {"name_or_path": args.model, "dtype": "fp32"},
+            "adapter": {"init": "milora", "r": args.rank, "alpha": float(args.rank), "dropout": 0.05},
+            "data": {"path": str(DATA), "max_length": 256, "max_examples": args.max_examples, "val_size": 0},
+            "train": {"max_steps": args.steps, "micro_batch_size": args.micro_batch, "gradient_accumulation_steps": 1,
+                      "log_every": 1, "eval_every": None, "mixed_precision": "no", "warmup_steps": 0},
+            "output": {"dir": str(tmp / "milora"), "tensorboard": False},
+            "eval": {"heldout": 0},
+        }
+        recipe_path = tmp / "recipe.yaml"
+        recipe_path.write_text(json.dumps(recipe))  # JSON is YAML
+        # 1. PEFT first: it also records the tokens of every step, which milora's batches share
+        peft_out = tmp / "peft.json"
+        peft_wall, peft_rss = run_child([sys.executable, "-c", PEFT_LOOP, str(recipe_path), str(args.steps), str(peft_out)], env)
+        peft_steps = json.loads(peft_out.read_text())
+        milora_wall, milora_rss = run_child([sys.executable, "-m", "milora_cli", "train", str(recipe_path)], env)
+        lines = [json.loads(l) for l in (tmp / "milora" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    tokens = {r["step"]: r["tokens"] for r in peft_steps}
+    timed = [s for s in tokens if s > WARMUP]
+    milora_seconds = sum(tokens[l["step"]] / l["tokens_per_s"] for l in lines if l["step"] > WARMUP)
+    peft_seconds = sum(r["seconds"] for r in peft_steps if r["step"] > WARMUP)
+    total = sum(tokens[s] for s in timed)
+    milora_tps, peft_tps = total / milora_seconds, total / peft_seconds
+    print(f"model {args.model}, fp32 on CPU, torch threads from OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
+          f"r={args.rank} on q,k,v,up,down; micro-batch {args.micro_batch}; steps {WARMUP + 1}-{args.steps}: "
+          f"{total} input tokens ({total / len(timed) / args.micro_batch:.0f} per example)")
+    print(f"\n{'loop':<26}{'tokens/s':>10}{'peak RSS (GB)':>15}{'wall (s)':>10}")
+    print(f"{'milora train':<26}{milora_tps:>10.0f}{milora_rss:>15.2f}{milora_wall:>10.1f}")
+    print(f"{'PEFT LoRA + plain loop':<26}{peft_tps:>10.0f}{peft_rss:>15.2f}{peft_wall:>10.1f}")
+    print(f"\nmilora / PEFT: {milora_tps / peft_tps:.2f}x tokens/s, {milora_rss / peft_rss:.2f}x peak memory")
+
+
+if __name__ == "__main__":
+    main()
