@@ -23,3 +23,7 @@ class ExportError(MiloraError):
 
 class InspectError(MiloraError):
     """`milora svd-inspect` was asked for something the model or run does not have, or a bad option."""
+
+
+class EvalError(MiloraError):
+    """A benchmark cannot be run as asked (unknown task, missing data, an output folder of other settings)."""

@@ -14,6 +14,11 @@ from milora_cli.errors import RecipeError
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 # Common names from other tools, so that a misspelt key gets the right suggestion.
 _ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr"}
+# The benchmarks `milora eval` and the recipe's eval.tasks know (tasks.py holds their data and protocols).
+BenchmarkTask = Literal[
+    "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
+    "gsm8k", "math", "math500", "wikitext",
+]
 
 
 class _Section(BaseModel):
@@ -120,6 +125,16 @@ class EvalConfig(_Section):
     )
     max_new_tokens: int = Field(16, ge=1, description="Tokens generated per held-out example (greedy).")
     batch_size: int = Field(16, ge=1, description="Prompts per generation batch.")
+    tasks: list[BenchmarkTask] = Field(
+        default_factory=list, description="Benchmarks scored after training, as `milora eval` scores them (empty: none)."
+    )
+    data_dir: str | None = Field(None, description="Benchmark data laid out like ../shared/data; null: the hub.")
+    limit: int | None = Field(None, ge=1, description="First examples per benchmark task (WikiText: windows); null: all.")
+    every: int | None = Field(None, ge=1, description="Also run the benchmarks every this many training steps; null: after training only.")
+    num_beams: int = Field(1, ge=1, description="Beams of benchmark generation; 1 is greedy (the commonsense reference uses 4).")
+    choice_max_new_tokens: int = Field(32, ge=1, description="Tokens generated per commonsense question (the reference's 32).")
+    math_max_new_tokens: int = Field(512, ge=1, description="Tokens generated per GSM8K / MATH problem (MetaMath's 512).")
+    ppl_window: int = Field(1024, ge=16, description="Tokens per non-overlapping WikiText window (capped at the model's context).")
 
 
 class Recipe(_Section):
@@ -128,7 +143,15 @@ class Recipe(_Section):
     data: DataConfig = Field(description="Training and validation data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where the run is written.")
-    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out generation score.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out generation score and benchmarks.")
+
+
+def eval_settings(values: dict[str, Any]) -> EvalConfig:
+    """An `eval` section from command-line values (None: the default); the first problem as one line."""
+    try:
+        return EvalConfig.model_validate({key: value for key, value in values.items() if value is not None})
+    except ValidationError as error:
+        raise RecipeError(_describe(error.errors()[0]).removeprefix("eval.")) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -1,0 +1,256 @@
+"""`milora eval`: a model, a merged folder or a training run (base + adapter, unmerged) on the benchmarks.
+
+An output folder holds
+
+    settings.json       what the scores depend on (model, beams, token budgets, window); other settings are refused
+    predictions.jsonl   one scored example a line: task, id, prompt, generation, prediction, gold, correct
+                        (WikiText windows: nll, tokens). Appended batch by batch with flush + fsync: a killed
+                        eval, run again, skips what was scored and drops a torn last line, so every example
+                        is scored exactly once.
+    summary.json        accuracy per task (WikiText: mean token loss and perplexity), the commonsense average
+
+Forgetting is measured on WikiText-2 test as mean next-token loss over non-overlapping windows of
+`ppl_window` tokens (1024 by default, the model's context if shorter); the first token of each window
+is context only. `limit` takes the first N examples of each task (for WikiText the first N windows).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from milora_cli import adapter, checkpoint, evaluate, export, models, tasks
+from milora_cli.errors import EvalError
+from milora_cli.recipe import EvalConfig
+
+RESULTS_FILE, SUMMARY_FILE, SETTINGS_FILE = "predictions.jsonl", "summary.json", "settings.json"
+
+
+def run(model_or_run: str, cfg: EvalConfig, output: Path, dtype: str | None, console: Console) -> dict[str, Any]:
+    """Load MODEL_OR_RUN and score it on cfg.tasks into `output`; returns the summary."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, identity = load(model_or_run, dtype, device, console)
+    return evaluate_model(model, tokenizer, cfg, output, identity, console)
+
+
+def load(name: str, dtype: str | None, device: str, console: Console) -> tuple[Any, Any, str]:
+    """(model, tokenizer, identity): a run or adapter folder is its base with the adapter injected, unmerged."""
+    path = Path(name).expanduser()
+    if not any((folder / checkpoint.META_FILE).is_file() for folder in (path, path / "adapter")):
+        resolved = models.resolve(name)
+        model = models.load_model(resolved, dtype or "fp32", device=device)
+        identity = f"{Path(resolved).resolve() if Path(resolved).is_dir() else resolved} [{dtype or 'fp32'}]"
+        return model, models.load_tokenizer(resolved), identity
+    folder = export.adapter_folder(path)
+    trained, initial, meta = checkpoint.read_adapter(folder)
+    base, revision, _ = export.locate_base(None, meta, download=False)
+    model = models.load_model(base, dtype or meta["base_dtype"], revision, device=device)
+    adapters = adapter.inject(model, meta["target_modules"], meta["r"], meta["lora_alpha"], 0.0)
+    seen = models.weights_fingerprint({layer: module.base_layer.weight for layer, module in adapters.items()})
+    if dtype is None and seen != meta["base_fingerprint"]:
+        console.print(f"[yellow]warning:[/] the weights of {base} differ from those the adapter was trained on")
+    adapter.load_adapter_tensors(adapters, trained, initial)
+    identity = f"{folder.resolve()} ({meta['init']} r={meta['r']}, step {meta.get('step')}) on {base} [{dtype or meta['base_dtype']}]"
+    return model.eval(), models.load_tokenizer(base, revision), identity
+
+
+def evaluate_model(
+    model, tokenizer, cfg: EvalConfig, output: Path, identity: str, console: Console, bars: bool = True
+) -> dict[str, Any]:
+    """Score an already built model on cfg.tasks, resuming whatever `output` already holds.
+
+    `bars=False` inside another live display (training's progress bar), which rich cannot nest.
+    """
+    if not cfg.tasks:
+        raise EvalError("no tasks to run; name some, e.g. --tasks boolq,gsm8k,wikitext")
+    settings = {"model": identity, "window": min(cfg.ppl_window, _context(model, cfg.ppl_window))} | cfg.model_dump(
+        include={"num_beams", "choice_max_new_tokens", "math_max_new_tokens"})
+    results = Results(output, settings)
+    selected = {}
+    with _progress(console, bars) as bar:
+        for name in dict.fromkeys(cfg.tasks):
+            task = tasks.TASKS[name]
+            score = _score_windows if task.kind == "perplexity" else _score_generations
+            selected[name] = score(model, tokenizer, task, cfg, settings["window"], results, bar)
+    summary = {"model": identity, "settings": settings, **summarise(results.records, selected)}
+    checkpoint.write_text_atomic(output / SUMMARY_FILE, json.dumps(summary, indent=2))
+    console.print(table({"score": summary}))
+    console.print(f"per-example results in [bold]{output / RESULTS_FILE}[/], summary in {output / SUMMARY_FILE}")
+    return summary
+
+
+def _context(model, default: int) -> int:
+    return getattr(model.config, "max_position_embeddings", None) or default
+
+
+def _score_generations(model, tokenizer, task: tasks.Task, cfg: EvalConfig, window: int, results: Results, bar) -> set[str]:
+    items = tasks.load_items(task, cfg.data_dir, cfg.limit)
+    done = results.done(task.name)
+    todo = [item for item in items if item.id not in done]
+    progress = bar.add_task(task.name, total=len(items), completed=len(items) - len(todo))
+    budget = tasks.max_new_tokens(task, cfg.choice_max_new_tokens, cfg.math_max_new_tokens)
+    for start in range(0, len(todo), cfg.batch_size):
+        batch = todo[start : start + cfg.batch_size]
+        generations = evaluate.generate(model, tokenizer, [item.prompt for item in batch], budget, cfg.batch_size,
+                                        cfg.num_beams, tasks.stop_strings(task))
+        records = []
+        for item, generation in zip(batch, generations):
+            prediction, correct = tasks.score(task, generation, item.gold)
+            records.append({"task": task.name, "id": item.id, "prompt": item.prompt, "generation": generation,
+                            "prediction": prediction, "gold": item.gold, "correct": correct})
+        results.append(records)
+        bar.advance(progress, len(batch))
+    return {item.id for item in items}
+
+
+def _score_windows(model, tokenizer, task: tasks.Task, cfg: EvalConfig, window: int, results: Results, bar) -> set[str]:
+    ids = tokenizer(tasks.load_text(task, cfg.data_dir), add_special_tokens=False, verbose=False)["input_ids"]
+    windows = [ids[start : start + window] for start in range(0, len(ids) - 1, window)][: cfg.limit]
+    done = results.done(task.name)
+    todo = [index for index in range(len(windows)) if str(index) not in done]
+    progress = bar.add_task(task.name, total=len(windows), completed=len(windows) - len(todo))
+    per_batch = max(1, 4096 // window)
+    for start in range(0, len(todo), per_batch):
+        batch = todo[start : start + per_batch]
+        losses = evaluate.window_losses(model, [windows[index] for index in batch])
+        results.append([
+            {"task": task.name, "id": str(index), "prompt": None, "generation": None, "prediction": nll / count,
+             "gold": None, "correct": None, "nll": nll, "tokens": count}
+            for index, (nll, count) in zip(batch, losses)
+        ])
+        bar.advance(progress, len(batch))
+    return {str(index) for index in range(len(windows))}
+
+
+class Results:
+    """predictions.jsonl of an output folder: read (a torn last line dropped), then appended durably."""
+
+    def __init__(self, folder: Path, settings: dict[str, Any]):
+        folder.mkdir(parents=True, exist_ok=True)
+        saved = folder / SETTINGS_FILE
+        if saved.is_file():
+            old = json.loads(saved.read_text())
+            for key in sorted(set(old) | set(settings)):
+                if old.get(key) != settings.get(key):
+                    raise EvalError(
+                        f"{folder} holds an eval with other settings ({key}: {old.get(key)!r}, now {settings.get(key)!r}); "
+                        "choose another --output"
+                    )
+        else:
+            checkpoint.write_text_atomic(saved, json.dumps(settings, indent=2))
+        self.path = folder / RESULTS_FILE
+        self.records = self._read()
+
+    def _read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.split("\n")
+        records, whole = [], True
+        for line in lines[:-1]:  # every complete line; lines[-1] is "" unless the last line was torn
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                whole = False
+        if lines[-1] or not whole:  # rewrite without the damage, so appends start on a clean line
+            checkpoint.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))
+        return records
+
+    def done(self, task: str) -> set[str]:
+        return {record["id"] for record in self.records if record["task"] == task}
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(record) + "\n" for record in records))
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.records += records
+
+
+def summarise(records: list[dict[str, Any]], selected: dict[str, set[str]]) -> dict[str, Any]:
+    """Per task: accuracy, or loss and perplexity; and the average over the commonsense sets present."""
+    scores: dict[str, dict[str, Any]] = {}
+    for name, ids in selected.items():
+        rows = {r["id"]: r for r in records if r["task"] == name and r["id"] in ids}.values()
+        if tasks.TASKS[name].kind == "perplexity":
+            nll, count = sum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
+            loss = nll / max(1, count)
+            scores[name] = {"windows": len(rows), "tokens": count, "loss": loss, "ppl": math.exp(loss)}
+        else:
+            correct = sum(bool(r["correct"]) for r in rows)
+            scores[name] = {"examples": len(rows), "correct": correct, "accuracy": correct / max(1, len(rows))}
+    sets = [scores[name]["accuracy"] for name in tasks.COMMONSENSE if name in scores]
+    average = {"accuracy": sum(sets) / len(sets), "sets": len(sets)} if sets else None
+    return {"tasks": scores, "commonsense_average": average}
+
+
+def table_rows(summaries: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of summaries side by side: one row per task (accuracy %), the average, loss and ppl."""
+    names = list(dict.fromkeys(name for summary in summaries.values() for name in summary["tasks"]))
+    names.sort(key=lambda name: (tasks.TASKS[name].kind == "perplexity", name not in tasks.COMMONSENSE))
+
+    def cell(summary: dict[str, Any], name: str, key: str, fmt: str) -> str:
+        score = summary["tasks"].get(name) if name != "average" else summary["commonsense_average"]
+        return format(score[key], fmt) if score else "-"
+
+    rows, average_at = [], None
+    for name in names:
+        if tasks.TASKS[name].kind == "perplexity":
+            rows.append([f"{name} loss"] + [cell(s, name, "loss", ".4f") for s in summaries.values()])
+            rows.append([f"{name} ppl"] + [cell(s, name, "ppl", ".2f") for s in summaries.values()])
+            continue
+        first = next(s["tasks"][name] for s in summaries.values() if name in s["tasks"])
+        rows.append([f"{name} (n={first['examples']})"] + [cell(s, name, "accuracy", ".1%") for s in summaries.values()])
+        average_at = len(rows) if name in tasks.COMMONSENSE else average_at
+    if average_at is not None:  # right under the last commonsense set
+        sets = next(s["commonsense_average"]["sets"] for s in summaries.values() if s["commonsense_average"])
+        rows.insert(average_at, [f"commonsense average ({sets} of 8)"] + [cell(s, "average", "accuracy", ".1%") for s in summaries.values()])
+    return ["task", *summaries], rows
+
+
+def table(summaries: dict[str, dict[str, Any]]) -> Table:
+    header, rows = table_rows(summaries)
+    result = Table(*header)
+    for row in rows:
+        result.add_row(*row, style="bold" if row[0].startswith("commonsense average") else None)
+    return result
+
+
+@contextmanager
+def _progress(console: Console, enabled: bool) -> Iterator[Progress]:
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not enabled) as bar:
+        yield bar
+
+
+class TrainingBenchmarks:
+    """A recipe's eval.tasks scored during training (eval.every) into RUN/eval/step-N and after it into RUN/eval/final."""
+
+    def __init__(self, cfg: EvalConfig, model, tokenizer, run_dir: Path, console: Console, enabled: bool):
+        self.cfg, self.model, self.tokenizer, self.run_dir, self.console = cfg, model, tokenizer, run_dir, console
+        self.enabled = enabled and bool(cfg.tasks)
+
+    def at_step(self, step: int, max_steps: int) -> None:
+        if self.enabled and self.cfg.every and step % self.cfg.every == 0 and step < max_steps:
+            self._run(f"step-{step:06d}", step)
+
+    def after_training(self, step: int, summary: dict[str, Any]) -> None:
+        if self.enabled:
+            summary["benchmarks"] = self._run("final", step)["tasks"]
+
+    def _run(self, name: str, step: int) -> dict[str, Any]:
+        identity = f"{self.run_dir.resolve()} at step {step}"
+        self.console.print(f"benchmarks at step {step}: {', '.join(self.cfg.tasks)}")
+        output = self.run_dir / "eval" / name
+        return evaluate_model(self.model, self.tokenizer, self.cfg, output, identity, self.console, bars=False)
