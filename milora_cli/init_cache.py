@@ -39,6 +39,15 @@ class InitReport:
     cached: int
     mine: int
 
+    def describe(self, processes: int) -> str:
+        """The train output's note on where the factors came from, e.g. ' (init from cache)', or ''."""
+        parts = []
+        if self.cached:
+            parts.append("init from cache" if not self.computed else f"{self.cached} layers from cache")
+        if self.computed and processes > 1:
+            parts.append(f"decomposed by {processes} processes")
+        return f" ({', '.join(parts)})" if parts else ""
+
 
 def cache_dir() -> Path:
     return models.cache_root() / "factors"

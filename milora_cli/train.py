@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 
-from milora_cli import adapter, checkpoint, data, evaluate, init_cache, models, suite
+from milora_cli import adapter, checkpoint, data, evaluate, init_cache, models
 from milora_cli.loop import BatchStream, CausalLMLoss, learning_rate, optimizer_step, validation_loss
 from milora_cli.errors import RecipeError
 from milora_cli.recipe import Recipe, dump_recipe, validate
@@ -106,7 +106,6 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     meta, summary = _initialise(recipe, setup, accelerator, console)
     saver = Saver(run_dir, setup.adapters, {**meta, "versions": versions()}, recipe_yaml, accelerator, cfg.keep_checkpoints)
     scorer = HeldoutScorer(recipe, setup, run_dir, console, summary, enabled=main)
-    benchmarks = suite.TrainingBenchmarks(recipe.eval, setup.model, setup.tokenizer, run_dir, console, enabled=main)
     # 3. optimizer, batches, steps; resume or score the untrained model
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
@@ -156,7 +155,6 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
                 if val_loss < best:
                     best = val_loss
                     saver.save("best", step, val_loss=val_loss)
-            benchmarks.at_step(step, max_steps)
             if cfg.save_every and step % cfg.save_every == 0 and step < max_steps:
                 saver.save("periodic", step, optimizer=optimizer.optimizer, best=best)
             if interrupted(accelerator) and step < max_steps:
@@ -169,7 +167,6 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         log.close()
     summary |= {"steps": step, "best_val_loss": best if best < math.inf else None}
     scorer.score("after")
-    benchmarks.after_training(step, summary)
     if main:
         checkpoint.write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         console.print(f"adapter written to [bold]{run_dir / 'adapter'}[/]")
@@ -196,7 +193,7 @@ def _initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console:
     trainable, total = adapter.count_parameters(setup.model)
     console.print(
         f"{recipe.adapter.init} init of {len(setup.adapters)} layers (r={recipe.adapter.r}) in {seconds:.1f} s on "
-        f"{accelerator.device}{_init_source(report, accelerator.num_processes)}; "
+        f"{accelerator.device}{report.describe(accelerator.num_processes)}; "
         f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
     )
     base_weights = {name: layer.base_layer.weight for name, layer in setup.adapters.items()}
@@ -210,15 +207,6 @@ def _initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console:
     summary = {"run_dir": recipe.output.dir, "init_seconds": seconds, "init_decomposed": report.computed,
                "init_from_cache": report.cached, "trainable": trainable, "total": total}
     return meta, summary
-
-
-def _init_source(report: init_cache.InitReport, processes: int) -> str:
-    parts = []
-    if report.cached:
-        parts.append("init from cache" if not report.computed else f"{report.cached} layers from cache")
-    if report.computed and processes > 1:
-        parts.append(f"decomposed by {processes} processes")
-    return f" ({', '.join(parts)})" if parts else ""
 
 
 class Window:
