@@ -142,6 +142,10 @@ def _num(x: float) -> str:
     return "–" if math.isnan(x) else "inf" if math.isinf(x) else f"{x:.3g}"
 
 
+def _sci(x: float) -> str:
+    return "–" if math.isnan(x) else f"{x:.1e}"
+
+
 def _pct(x: float) -> str:
     return "–" if math.isnan(x) else f"{100 * x:.1f}%"
 
@@ -220,7 +224,7 @@ def updates_table(found: Inspection) -> Table:
         row = [label]
         for run in found.runs:
             stats = found.updates[run.label].get(name)
-            row += [_num(stats.relative_norm), _pct(stats.principal_share), _pct(stats.minor_share), f"{stats.max_angle:.2g}°"] if stats else ["", "", "", ""]
+            row += [_sci(stats.relative_norm), _pct(stats.principal_share), _pct(stats.minor_share), f"{stats.max_angle:.2g}°"] if stats else ["", "", "", ""]
         table.add_row(*row)
     return table
 
@@ -242,6 +246,6 @@ def updates_summary(found: Inspection) -> Table:
         for run in found.runs:
             stats = [found.updates[run.label][name] for name in names if name in found.updates[run.label]]
             row += [_pct(_mean([s.principal_share for s in stats])), _pct(_mean([s.minor_share for s in stats])),
-                    f"{_mean([s.max_angle for s in stats]):.2g}°", _num(_mean([s.mean_sin2 for s in stats]))]
+                    f"{_mean([s.max_angle for s in stats]):.2g}°", _sci(_mean([s.mean_sin2 for s in stats]))]
         table.add_row(*row, end_section=module == list(groups)[-1])
     return table
