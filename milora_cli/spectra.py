@@ -39,6 +39,7 @@ from milora_cli import checkpoint, models, shards, svd
 from milora_cli.errors import InspectError
 
 SPECTRA_DIR = "spectra"
+FORMAT = "milora-spectrum/1"  # float64 singular values by svd.singular_values; a new way of computing them bumps it
 _BLOCK = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # Llama-style block order
 # 2-D weights that are not linear projections: embeddings, the output head, norms.
 _NOT_PROJECTION = re.compile(r"embed|lm_head|norm|\bwte\b|\bwpe\b|(^|\.)ln_?\w*$", re.IGNORECASE)
@@ -180,8 +181,8 @@ def by_module(names: list[str]) -> dict[str, list[str]]:
 
 
 def fingerprint(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and bytes: the key of its cached spectrum."""
-    digest = hashlib.sha256(f"{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+    """sha256 of the cache format, a tensor's dtype, shape and bytes: the key of its cached spectrum."""
+    digest = hashlib.sha256(f"{FORMAT}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
     digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
@@ -277,22 +278,15 @@ def open_run(path: Path, folder: Path) -> Run:
 
 
 def run_updates(runs: list[Run], names: list[str], rank: int | None) -> dict[str, dict[str, UpdateStats]]:
-    """run label -> layer -> UpdateStats; each base weight is read and decomposed once for all runs."""
+    """run label -> layer -> UpdateStats; each base weight (one base for all runs) is decomposed once."""
     results: dict[str, dict[str, UpdateStats]] = {run.label: {} for run in runs}
-    indexes = {run.base: shards.read_index(run.base) for run in runs}
+    index = shards.read_index(runs[0].base) if runs else {}
     for name in names:
-        _layer_updates(name, runs, indexes, rank, results)
-    return results
-
-
-def _layer_updates(name: str, runs: list[Run], indexes: dict[Path, dict[str, shards.TensorInfo]], rank: int | None,
-                   results: dict[str, dict[str, UpdateStats]]) -> None:
-    """One layer: read and decompose each base weight once, then measure every run's update against it."""
-    for base_folder, index in indexes.items():
-        users = [run for run in runs if run.base == base_folder and name in run.meta["target_modules"]]
+        users = [run for run in runs if name in run.meta["target_modules"]]
         if not users:
             continue
         weight = next(shards.read_tensors(index, [f"{name}.weight"])).to(device(), torch.float64)  # (out, in)
         base = svd.decompose(weight)
         for run in users:
             results[run.label][name] = update_stats(base, weight, run.delta(name).to(weight), rank or run.meta["r"])
+    return results

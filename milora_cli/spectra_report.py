@@ -80,6 +80,9 @@ def analyse(targets: list[str], modules: str | None, layers: str | None, rank: i
             "--compare and several arguments take runs only"
         )
     runs = [open_run(Path(target), folder) for target, folder in zip(targets, folders) if folder is not None]
+    if len({run.base.resolve() for run in runs}) > 1:
+        bases = ", ".join(sorted({run.meta["base_model"] for run in runs}))
+        raise InspectError(f"the runs were trained on different base models ({bases}); compare runs of one base")
     if runs:
         model, folder = runs[0].meta["base_model"], runs[0].base
         index = shards.read_index(folder)

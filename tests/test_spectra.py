@@ -4,6 +4,7 @@ float64 numpy SVD, the cache, the update measures on constructed updates, and mi
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +197,14 @@ def test_milora_update_stays_out_of_the_principal_subspace_tiny(tiny_model_dir, 
     assert mean(document, 0, "minor_share") > 2 * mean(document, 1, "minor_share")
     assert mean(document, 1, "max_angle") > mean(document, 0, "max_angle")
     base_singular_values_agree_with_numpy(document, Path(tiny_model_dir))
+    # runs of two different bases are not compared
+    other = tmp_path / "other"
+    shutil.copytree(runs[0], other)
+    meta = json.loads((other / "adapter" / "adapter_meta.json").read_text())
+    meta.update(base_model="elsewhere", base_model_path=str(shutil.copytree(tiny_model_dir, tmp_path / "elsewhere")))
+    (other / "adapter" / "adapter_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(InspectError, match="different base models"):
+        inspect([runs[0], str(other)])
     # an adapter folder (best/ is absent without validation; the final adapter/ itself) and an init-only run
     init_only = short_run(tiny_model_dir, tmp_path / "init", "milora", data, 0, 5e-2, 4)
     found = inspect([str(init_only / "adapter")], json_path=tmp_path / "init.json")
