@@ -1,6 +1,6 @@
 """Time of the adapter initialisation: milora (gram and svd drivers) vs PEFT's PiSSA full-SVD init.
 
-    python benchmarks/init_speed.py [--model random-1024|random-4096|smollm2-135m] [--rank 32] [--device cpu|cuda]
+    python benchmarks/init_speed.py [--model random-1024|random-4096|smollm2-135m] [--rank 32] [--device cpu|cuda] [--layers N]
 
 Each init runs once on a fresh copy of the same model, targets q,k,v,up,down of every layer:
   milora gram   adapter.inject + adapter.initialise(init=milora, svd_driver=gram), float64
@@ -29,11 +29,12 @@ from milora_cli.recipe import DEFAULT_TARGETS
 RANDOM = {"random-1024": (1024, 2816, 4, 16, 4), "random-4096": (4096, 11008, 2, 32, 32)}
 
 
-def build(name: str):
+def build(name: str, layers: int | None):
     if name in RANDOM:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        hidden, intermediate, layers, heads, kv = RANDOM[name]
+        hidden, intermediate, default_layers, heads, kv = RANDOM[name]
+        layers = layers or default_layers
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                              num_attention_heads=heads, num_key_value_heads=kv)
@@ -70,8 +71,9 @@ def main() -> None:
     parser.add_argument("--model", default="random-1024", choices=[*RANDOM, "smollm2-135m"])
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--layers", type=int, default=None, help="Decoder layers of a random model (default: its own).")
     args = parser.parse_args()
-    base = build(args.model).to(args.device)
+    base = build(args.model, args.layers).to(args.device)
     targets = adapter.find_targets(base, DEFAULT_TARGETS)
     shapes = sorted({tuple(base.get_submodule(n).weight.shape) for n in targets})
     print(f"model {args.model}: {len(targets)} target layers, shapes {shapes}; r={args.rank}; device {args.device}")
@@ -86,7 +88,10 @@ def main() -> None:
         "milora svd (float64 svd)": lambda m: milora_init(m, args.rank, "svd"),
         "PEFT pissa (float32 svd)": lambda m: peft_pissa(m, args.rank),
     }
-    seconds = {label: timed(fn, base, args.device) for label, fn in runs.items()}
+    seconds = {}
+    for label, fn in runs.items():
+        seconds[label] = timed(fn, base, args.device)
+        print(f"{label}: {seconds[label]:.2f} s", flush=True)
     reference = seconds["PEFT pissa (float32 svd)"]
     print(f"\n{'init':<28}{'time (s)':>10}{'PEFT pissa / this':>20}")
     for label, value in seconds.items():
