@@ -17,15 +17,15 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-CHOICE_PATTERNS: dict[str, str] = {
+CHOICE_PATTERNS: dict[str, str] = {  # in the paper's column order
     "boolq": r"true|false",
     "piqa": r"solution1|solution2",
     "social_i_qa": r"answer1|answer2|answer3|answer4|answer5",
+    "hellaswag": r"ending1|ending2|ending3|ending4",
+    "winogrande": r"option1|option2",
     "ARC-Easy": r"answer1|answer2|answer3|answer4|answer5",
     "ARC-Challenge": r"answer1|answer2|answer3|answer4|answer5",
     "openbookqa": r"answer1|answer2|answer3|answer4|answer5",
-    "hellaswag": r"ending1|ending2|ending3|ending4",
-    "winogrande": r"option1|option2",
 }
 ANSWER_MARKER = "The answer is: "
 RESPONSE_MARKER = "### Response:"
