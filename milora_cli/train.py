@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 
-from milora_cli import adapter, checkpoint, data, evaluate, init_cache, models
+from milora_cli import adapter, checkpoint, data, evaluate, init_cache, models, suite
 from milora_cli.loop import BatchStream, CausalLMLoss, learning_rate, optimizer_step, validation_loss
 from milora_cli.errors import RecipeError
 from milora_cli.recipe import Recipe, dump_recipe, validate
@@ -106,6 +106,7 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     meta, summary = _initialise(recipe, setup, accelerator, console)
     saver = Saver(run_dir, setup.adapters, {**meta, "versions": versions()}, recipe_yaml, accelerator, cfg.keep_checkpoints)
     scorer = HeldoutScorer(recipe, setup, run_dir, console, summary, enabled=main)
+    benchmarks = suite.TrainingBenchmarks(recipe.eval, setup.model, setup.tokenizer, run_dir, console, enabled=main)
     # 3. optimizer, batches, steps; resume or score the untrained model
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
@@ -155,6 +156,7 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
                 if val_loss < best:
                     best = val_loss
                     saver.save("best", step, val_loss=val_loss)
+            benchmarks.at_step(step, max_steps)
             if cfg.save_every and step % cfg.save_every == 0 and step < max_steps:
                 saver.save("periodic", step, optimizer=optimizer.optimizer, best=best)
             if interrupted(accelerator) and step < max_steps:
@@ -167,6 +169,7 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         log.close()
     summary |= {"steps": step, "best_val_loss": best if best < math.inf else None}
     scorer.score("after")
+    benchmarks.after_training(step, summary)
     if main:
         checkpoint.write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         console.print(f"adapter written to [bold]{run_dir / 'adapter'}[/]")
