@@ -53,16 +53,9 @@ def cache_dir() -> Path:
     return models.cache_root() / "factors"
 
 
-def weight_digest(weight: torch.Tensor) -> str:
-    """sha256 of the tensor's bytes, shape and dtype (the full tensor, not a sample)."""
-    digest = hashlib.sha256(f"{tuple(weight.shape)}:{weight.dtype}:".encode())
-    digest.update(weight.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 def cache_key(layer: adapter.MiloraLinear, cfg: AdapterConfig) -> str:
     """Everything the factors depend on; the scaling alpha / r enters A0 and B0 as sqrt(S / s)."""
-    digest = weight_digest(layer.base_layer.weight)
+    digest = models.tensor_digest(layer.base_layer.weight)
     return f"{FORMAT}|{digest}|init={cfg.init}|r={layer.r}|alpha={layer.lora_alpha}|{cfg.svd_driver}|{cfg.svd_dtype}"
 
 

@@ -131,6 +131,13 @@ def load_model(path: str, dtype: str, revision: str | None = None, trust_remote_
     return model.to(device).eval()
 
 
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and every byte: the key of caches of things computed from it."""
+    digest = hashlib.sha256(f"{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
     """A cheap fingerprint of weights: names, shapes, dtypes and a strided sample of each tensor's values."""
     digest = hashlib.sha256()

@@ -180,16 +180,10 @@ def by_module(names: list[str]) -> dict[str, list[str]]:
     return groups
 
 
-def fingerprint(tensor: torch.Tensor) -> str:
-    """sha256 of the cache format, a tensor's dtype, shape and bytes: the key of its cached spectrum."""
-    digest = hashlib.sha256(f"{FORMAT}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
-    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
 def singular_values(weight: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, bool]:
     """(float64 singular values of `weight`, descending; whether they came from the cache)."""
-    path = models.cache_root() / SPECTRA_DIR / f"{fingerprint(weight)}.safetensors"
+    key = hashlib.sha256(f"{FORMAT}:{models.tensor_digest(weight)}".encode()).hexdigest()
+    path = models.cache_root() / SPECTRA_DIR / f"{key}.safetensors"
     if path.is_file():
         try:
             return load_file(path)["S"], True
