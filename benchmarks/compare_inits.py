@@ -26,6 +26,7 @@ from pathlib import Path
 from rich.console import Console
 
 from milora_cli import suite, tasks
+from milora_cli.checkpoint import write_text_atomic
 from milora_cli.recipe import eval_settings, validate
 from milora_cli.train import train
 
@@ -41,7 +42,7 @@ def training_file(data_dir: Path, per_set: int, seed: int, path: Path) -> int:
         records += rng.sample(pool, min(per_set, len(pool)))
     rng.shuffle(records)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records))
+    write_text_atomic(path, json.dumps(records))
     return len(records)
 
 
@@ -98,7 +99,7 @@ def main() -> None:
     print("\n".join(markdown))
     total = time.perf_counter() - start
     print(f"\nwall time {total / 60:.1f} min (" + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items()) + ")")
-    (args.out / "comparison.json").write_text(json.dumps({"summaries": summaries, "seconds": timings, "args": {
+    write_text_atomic(args.out / "comparison.json", json.dumps({"summaries": summaries, "seconds": timings, "args": {
         key: str(value) for key, value in vars(args).items()}, "command": " ".join(sys.argv)}, indent=2))
 
 
