@@ -196,7 +196,7 @@ def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as error:
         problems = error.errors()
-        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
         raise RecipeError(f"{source}: {_describe(problems[0])}{more}") from None
 
 
