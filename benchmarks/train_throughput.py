@@ -1,13 +1,14 @@
 """Training throughput and peak memory: `milora train` vs a PEFT LoRA model in a plain PyTorch loop.
 
-    python benchmarks/train_throughput.py [--model smollm2-135m] [--steps 12] [--micro-batch 8] [--rank 32]
+    python benchmarks/train_throughput.py [--model smollm2-135m] [--steps 12] [--micro-batch 8] [--rank 32] [--compile]
 
 Same model (fp32), same data (the real BoolQ training set of ../shared/data in LLM-Adapters format,
 tokenised by milora's data module, max 256 tokens), same batches (milora's seeded BatchStream and
 Collator: both loops see the same padded tensors at every step), adapters r on q,k,v,up,down with
 dropout 0.05, AdamW, gradient clipping at 1.0, no mixed precision:
   milora   `milora train` (init milora, the factor cache on) in a child process; per-step tokens/s from
-           its metrics.jsonl
+           its metrics.jsonl; with --compile also a second run with train.compile=true (each decoder
+           layer torch.compile'd; the compilation falls in the warm-up steps)
   PEFT     get_peft_model(LoraConfig(r, target_modules)) and a plain loop: model(**batch).loss,
            backward, clip, step; the loss from the model's full logits as HF computes it
 Tokens/s counts input tokens (the attention mask) of steps 3..N (the first two warm up). Peak memory
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--max-examples", type=int, default=2000)
+    parser.add_argument("--compile", action="store_true", help="also time milora train with train.compile=true")
     args = parser.parse_args()
     env = {**os.environ, "COLUMNS": "200"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,21 +107,29 @@ def main() -> None:
         peft_out = tmp / "peft.json"
         peft_wall, peft_rss = run_child([sys.executable, "-c", PEFT_LOOP, str(recipe_path), str(args.steps), str(peft_out)], env)
         peft_steps = json.loads(peft_out.read_text())
-        milora_wall, milora_rss = run_child([sys.executable, "-m", "milora_cli", "train", str(recipe_path)], env)
-        lines = [json.loads(l) for l in (tmp / "milora" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
-    tokens = {r["step"]: r["tokens"] for r in peft_steps}
-    timed = [s for s in tokens if s > WARMUP]
-    milora_seconds = sum(tokens[l["step"]] / l["tokens_per_s"] for l in lines if l["step"] > WARMUP)
-    peft_seconds = sum(r["seconds"] for r in peft_steps if r["step"] > WARMUP)
-    total = sum(tokens[s] for s in timed)
-    milora_tps, peft_tps = total / milora_seconds, total / peft_seconds
+        tokens = {r["step"]: r["tokens"] for r in peft_steps}
+        timed = [s for s in tokens if s > WARMUP]
+        total = sum(tokens[s] for s in timed)
+        peft_tps = total / sum(r["seconds"] for r in peft_steps if r["step"] > WARMUP)
+        rows = {"PEFT LoRA + plain loop": (peft_tps, peft_rss, peft_wall)}
+        # 2. milora train, then (--compile) the same with compiled layers, each in its own run dir
+        variants = {"milora train": []} | ({"milora train, compiled": ["train.compile=true"]} if args.compile else {})
+        for name, overrides in variants.items():
+            run_dir = tmp / name.replace(" ", "_").replace(",", "")
+            wall, rss = run_child([sys.executable, "-m", "milora_cli", "train", str(recipe_path), f"output.dir={run_dir}", *overrides], env)
+            lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+            seconds = sum(tokens[l["step"]] / l["tokens_per_s"] for l in lines if l["step"] > WARMUP)
+            rows[name] = (total / seconds, rss, wall)
     print(f"model {args.model}, fp32 on CPU, torch threads from OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
           f"r={args.rank} on q,k,v,up,down; micro-batch {args.micro_batch}; steps {WARMUP + 1}-{args.steps}: "
           f"{total} input tokens ({total / len(timed) / args.micro_batch:.0f} per example)")
     print(f"\n{'loop':<26}{'tokens/s':>10}{'peak RSS (GB)':>15}{'wall (s)':>10}")
-    print(f"{'milora train':<26}{milora_tps:>10.0f}{milora_rss:>15.2f}{milora_wall:>10.1f}")
-    print(f"{'PEFT LoRA + plain loop':<26}{peft_tps:>10.0f}{peft_rss:>15.2f}{peft_wall:>10.1f}")
-    print(f"\nmilora / PEFT: {milora_tps / peft_tps:.2f}x tokens/s, {milora_rss / peft_rss:.2f}x peak memory")
+    for name in [name for name in rows if name.startswith("milora")] + ["PEFT LoRA + plain loop"]:
+        tps, rss, wall = rows[name]
+        print(f"{name:<26}{tps:>10.0f}{rss:>15.2f}{wall:>10.1f}")
+    print()
+    for name in [name for name in rows if name.startswith("milora")]:
+        print(f"{name} / PEFT: {rows[name][0] / peft_tps:.2f}x tokens/s, {rows[name][1] / peft_rss:.2f}x peak memory")
 
 
 if __name__ == "__main__":

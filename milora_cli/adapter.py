@@ -27,6 +27,27 @@ ALL_LINEAR = "all-linear"
 _SVD_COMPONENTS: dict[str, svd.Components] = {"milora": "minor", "pissa": "principal"}
 
 
+class InputDropout(nn.Module):
+    """Dropout as nn.Dropout (zero with probability p, scale the rest by 1/(1-p)), about twice as fast on CPU.
+
+    torch's CPU dropout draws its mask with bernoulli_, which costs about as much as the q_proj matmul it
+    feeds; a uniform draw compared with p is the same distribution at half the time forward and backward.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1/(1-p), x's dtype
+        return x * keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class MiloraLinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update and its frozen initial value."""
 
@@ -40,7 +61,7 @@ class MiloraLinear(nn.Module):
         self.r = r
         self.lora_alpha = lora_alpha
         self.scaling = lora_alpha / r
-        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_dropout = InputDropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         # Factors train in float32 whatever the base dtype: they are small, and bf16 factors would
         # round away the updates to the minor components.
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)

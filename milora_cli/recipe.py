@@ -107,6 +107,7 @@ class TrainConfig(_Section):
         "auto", description="Autocast dtype; auto = bf16 on a GPU that has it, none on CPU."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes); pays off on long GPU runs.")
     seed: int = Field(42, description="Seed of data order, dropout, lora init and the validation split.")
     log_every: int = Field(10, ge=1, description="Steps between metric lines.")
     eval_every: int | None = Field(100, ge=1, description="Steps between validation losses (and best-checkpoint updates).")

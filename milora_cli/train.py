@@ -111,6 +111,8 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
         setup.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        _compile_layers(setup.model)
     params = [p for p in setup.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     stream = BatchStream(len(setup.train_set.examples), cfg.seed, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
@@ -174,6 +176,16 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         checkpoint.write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         console.print(f"adapter written to [bold]{run_dir / 'adapter'}[/]")
     return summary
+
+
+def _compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile every decoder layer in place (parameter names, checkpoints and hooks unchanged).
+
+    Per layer rather than the whole model: the layers share their code, so one compilation serves all of
+    them; dynamic shapes, because batches differ in length.
+    """
+    for layer in model.get_decoder().layers:
+        layer.compile(dynamic=True)
 
 
 def _accelerator(mixed_precision: str) -> Accelerator:

@@ -78,6 +78,22 @@ def test_only_adapter_factors_receive_gradients():
     assert trainable == sum(4 * (l.lora_A.in_features + l.lora_B.out_features) for l in layers.values())
 
 
+def test_input_dropout_zeroes_p_and_scales_the_rest_like_torch():
+    drop = adapter.InputDropout(0.2)
+    x = torch.rand(400, 500, dtype=torch.float64) + 0.5
+    torch.manual_seed(0)
+    y = drop.train()(x)
+    dropped = (y == 0).double().mean().item()
+    assert abs(dropped - 0.2) < 0.005  # 200,000 draws: 4.4 standard errors
+    assert torch.allclose(y[y != 0], (x / 0.8)[y != 0]) and y.dtype == x.dtype
+    assert abs(y.mean().item() - x.mean().item()) < 0.01  # unbiased, as nn.Dropout
+    x.requires_grad_(True)
+    z = drop(x)
+    z.sum().backward()
+    assert torch.equal(x.grad, (z != 0).double() / 0.8)  # gradient through the kept entries only
+    assert drop.eval()(x) is x
+
+
 def perturb(layers: dict, seed: int = 3) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
