@@ -96,6 +96,11 @@ def write_adapter(folder: Path, trained: dict[str, torch.Tensor], initial: dict[
     (folder / "recipe.yaml").write_text(recipe_yaml)
 
 
+def find_adapter(path: Path) -> Path | None:
+    """The adapter folder at `path`: RUN -> RUN/adapter, an adapter folder (RUN/best, a checkpoint) as it is; else None."""
+    return next((folder for folder in (path, path / "adapter") if (folder / META_FILE).is_file()), None)
+
+
 def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """(trained, initial, meta) of an adapter folder, with a clear error for anything missing."""
     for name in (ADAPTER_FILE, INIT_FILE, META_FILE):

@@ -90,9 +90,9 @@ def merge(
 
 def adapter_folder(path: Path) -> Path:
     """RUN -> RUN/adapter; an adapter folder (RUN/best, a checkpoint) as it is."""
-    for candidate in (path, path / "adapter"):
-        if (candidate / checkpoint.META_FILE).is_file():
-            return candidate
+    folder = checkpoint.find_adapter(path)
+    if folder is not None:
+        return folder
     if not path.exists():
         raise ExportError(f"--adapter {path} does not exist")
     raise ExportError(f"--adapter {path} is neither a run folder with adapter/ nor an adapter folder (no {checkpoint.META_FILE})")

@@ -258,11 +258,6 @@ class Run:
         return self.meta["scaling"] * (B @ A - B0 @ A0)  # (out, in)
 
 
-def adapter_folder(path: Path) -> Path | None:
-    """RUN -> RUN/adapter; an adapter folder as it is; None for anything else (a model)."""
-    return next((folder for folder in (path, path / "adapter") if (folder / checkpoint.META_FILE).is_file()), None)
-
-
 def open_run(path: Path, folder: Path) -> Run:
     from milora_cli.export import locate_base  # the base the run trained on, as merge finds it
 

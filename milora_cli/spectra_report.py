@@ -18,11 +18,11 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from milora_cli import shards
+from milora_cli import checkpoint, shards
 from milora_cli.errors import InspectError
 from milora_cli.models import quantisation_note
 from milora_cli.spectra import (
-    Run, Spectrum, UpdateStats, adapter_folder, by_module, device, limit_cpu_threads, model_spectra, open_run,
+    Run, Spectrum, UpdateStats, by_module, device, limit_cpu_threads, model_spectra, open_run,
     projection_weights, run_updates, select, spectrum_stats,
 )
 from milora_cli.spectra_files import require_matplotlib, write_csv, write_json, write_plot
@@ -73,7 +73,7 @@ def analyse(targets: list[str], modules: str | None, layers: str | None, rank: i
     for target in targets:
         if not Path(target).expanduser().exists() and (target.startswith((".", "/", "~")) or target.count("/") > 1):
             raise InspectError(f"'{target}' does not exist (MODEL is a model folder, a run dir, a hub id or smollm2-135m)")
-    folders = [adapter_folder(Path(target)) for target in targets]
+    folders = [checkpoint.find_adapter(Path(target)) for target in targets]
     if (compare or len(targets) > 1) and None in folders:
         raise InspectError(
             f"'{targets[folders.index(None)]}' is not a training run (no adapter_meta.json in it or in its adapter/); "

@@ -45,13 +45,12 @@ def run(model_or_run: str, cfg: EvalConfig, output: Path, dtype: str | None, con
 
 def load(name: str, dtype: str | None, device: str, console: Console) -> tuple[Any, Any, str]:
     """(model, tokenizer, identity): a run or adapter folder is its base with the adapter injected, unmerged."""
-    path = Path(name).expanduser()
-    if not any((folder / checkpoint.META_FILE).is_file() for folder in (path, path / "adapter")):
+    folder = checkpoint.find_adapter(Path(name).expanduser())
+    if folder is None:
         resolved = models.resolve(name)
         model = models.load_model(resolved, dtype or "fp32", device=device)
         identity = f"{Path(resolved).resolve() if Path(resolved).is_dir() else resolved} [{dtype or 'fp32'}]"
         return model, models.load_tokenizer(resolved), identity
-    folder = export.adapter_folder(path)
     trained, initial, meta = checkpoint.read_adapter(folder)
     base, revision, _ = export.locate_base(None, meta, download=False)
     model = models.load_model(base, dtype or meta["base_dtype"], revision, device=device)
