@@ -15,16 +15,13 @@ whose key or shapes differ, is recomputed and replaced.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from milora_cli import adapter, models
+from milora_cli import adapter, checkpoint, models
 from milora_cli.recipe import AdapterConfig
 
 FORMAT = "milora-factors/1"
@@ -78,17 +75,9 @@ def read_cached(path: Path, key: str, layer: adapter.MiloraLinear) -> Factors | 
 
 
 def write_cached(path: Path, key: str, factors: Factors) -> None:
-    """Write through a temporary sibling and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        lora_A, lora_B = (f.detach().float().cpu().contiguous() for f in factors)
-        save_file({"lora_A": lora_A, "lora_B": lora_B}, tmp, metadata={"format": FORMAT, "key": key})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically, so readers never see half a file."""
+    lora_A, lora_B = (f.detach().float().cpu().contiguous() for f in factors)
+    checkpoint.save_file_atomic(path, {"lora_A": lora_A, "lora_B": lora_B}, metadata={"format": FORMAT, "key": key})
 
 
 def _own_factors(layer: adapter.MiloraLinear, cfg: AdapterConfig, use_cache: bool) -> tuple[Factors, bool]:

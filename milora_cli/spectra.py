@@ -25,7 +25,6 @@ import hashlib
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from milora_cli import checkpoint, models, shards, svd
 from milora_cli.errors import InspectError
@@ -195,18 +194,11 @@ def singular_values(weight: torch.Tensor, device: torch.device) -> tuple[torch.T
 
 
 def _store(path: Path, S: torch.Tensor) -> None:
-    """Write a cache entry through a temporary file and a rename; an unwritable cache only costs speed."""
+    """Write a cache entry atomically; an unwritable cache only costs speed."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}-", dir=path.parent)
-    except OSError:
-        return
-    os.close(fd)
-    try:
-        save_file({"S": S.contiguous()}, tmp)
-        os.replace(tmp, path)
+        checkpoint.save_file_atomic(path, {"S": S.contiguous()})
     except (OSError, SafetensorError):
-        Path(tmp).unlink(missing_ok=True)
+        pass
 
 
 def device() -> torch.device:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import math
 import textwrap
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from milora_cli.checkpoint import write_bytes_atomic, write_text_atomic
 from milora_cli.errors import InspectError
 from milora_cli.spectra import UpdateStats, by_module, spectrum_stats
 
@@ -44,23 +46,24 @@ def write_json(found: Inspection, path: Path) -> None:
         for run in found.runs
     ]
     document = {"model": found.model, "model_path": str(found.folder), "note": found.note, "rank": found.rank, "matrices": matrices, "runs": runs}
-    path.write_text(json.dumps(document, indent=1))
+    write_text_atomic(path, json.dumps(document, indent=1))
 
 
 def write_csv(found: Inspection, path: Path) -> None:
     """One row per matrix: its statistics, then each run's update measures under `{run} {measure}` columns."""
     measures = list(UpdateStats.__dataclass_fields__)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        stat_keys = list(spectrum_stats(found.spectra[0].S, found.rank))
-        writer.writerow(["name", "module", "layer", "out", "in", *stat_keys, *(f"{run.label} {m}" for run in found.runs for m in measures)])
-        for s in found.spectra:
-            stats = spectrum_stats(s.S, found.rank)
-            row = [s.name, s.module, s.layer, *s.shape, *(stats[k] for k in stat_keys)]
-            for run in found.runs:
-                update = found.updates[run.label].get(s.name)
-                row += [getattr(update, m) for m in measures] if update else [""] * len(measures)
-            writer.writerow(row)
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    stat_keys = list(spectrum_stats(found.spectra[0].S, found.rank))
+    writer.writerow(["name", "module", "layer", "out", "in", *stat_keys, *(f"{run.label} {m}" for run in found.runs for m in measures)])
+    for s in found.spectra:
+        stats = spectrum_stats(s.S, found.rank)
+        row = [s.name, s.module, s.layer, *s.shape, *(stats[k] for k in stat_keys)]
+        for run in found.runs:
+            update = found.updates[run.label].get(s.name)
+            row += [getattr(update, m) for m in measures] if update else [""] * len(measures)
+        writer.writerow(row)
+    write_text_atomic(path, handle.getvalue())
 
 
 def write_plot(found: Inspection, path: Path) -> None:
@@ -98,5 +101,7 @@ def write_plot(found: Inspection, path: Path) -> None:
     fig.colorbar(plt.cm.ScalarMappable(cmap=colours, norm=plt.Normalize(0, last_layer)), ax=axes, label="layer", shrink=0.8)
     title = f"{found.model}: normalised singular values per module type"
     fig.suptitle(title + (f"\n{textwrap.fill('note: ' + found.note, 110)}" if found.note else ""), fontsize=10)
-    fig.savefig(path, dpi=90)
+    image = io.BytesIO()
+    fig.savefig(image, format=path.suffix.lstrip(".").lower() or "png", dpi=90)
     plt.close(fig)
+    write_bytes_atomic(path, image.getvalue())
