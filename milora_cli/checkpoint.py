@@ -41,6 +41,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
+        os.chmod(tmp, default_mode(0o666))  # mkstemp's 0600 would make the file private to its writer
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -49,6 +50,13 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def default_mode(mode: int) -> int:
+    """`mode` less the process umask: the permissions open() or mkdir() would give a new file or folder."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def write_text_atomic(path: Path, text: str) -> None:

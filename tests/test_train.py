@@ -64,6 +64,14 @@ def test_max_steps_zero_saves_the_initialised_adapter(tiny_model_dir, tiny_data,
     assert meta["init"] == "milora" and meta["step"] == 0 and len(meta["target_modules"]) == 14
 
 
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    plain, atomic = tmp_path / "plain.txt", tmp_path / "atomic.txt"
+    plain.write_text("x")
+    checkpoint.write_text_atomic(atomic, "x")  # through mkstemp, whose files start private (0600)
+    assert atomic.stat().st_mode == plain.stat().st_mode and atomic.read_text() == "x"
+    assert not list(tmp_path.glob(".*"))  # no temporary file left beside it
+
+
 def test_resume_gives_the_same_adapter_as_a_straight_run(tiny_model_dir, tiny_data, tmp_path):
     straight = tmp_path / "straight"
     run(tiny_recipe(tiny_model_dir, tiny_data, straight, max_steps=6, save_every=3))
