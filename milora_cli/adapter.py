@@ -13,7 +13,7 @@ W_res = W - s B0 A0 (MILORA.md) with the same gradients, without rounding W_res 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Literal
 
 import torch
@@ -135,17 +135,6 @@ def inject(model: nn.Module, names: Iterable[str], r: int, lora_alpha: float, lo
     return adapters
 
 
-def adapters_of(model: nn.Module) -> dict[str, MiloraLinear]:
-    """The model's adapter layers by name (unwrapping DDP/FSDP/compile wrappers by name)."""
-    return {_strip_wrappers(name): m for name, m in model.named_modules() if isinstance(m, MiloraLinear)}
-
-
-def _strip_wrappers(name: str) -> str:
-    for prefix in ("module.", "_orig_mod.", "_fsdp_wrapped_module."):
-        name = name.replace(prefix, "")
-    return name
-
-
 def initial_factors(
     layer: MiloraLinear,
     init: Init,
@@ -170,15 +159,12 @@ def initialise(
     svd_dtype: svd.SvdDtype,
     svd_driver: svd.SvdDriver,
     seed: int,
-    on_layer: Callable[[str], None] | None = None,
 ) -> None:
     """Set every adapter's factors and frozen initial factors for `init`, in a fixed layer order."""
     generator = torch.Generator().manual_seed(seed)
     for name, layer in adapters.items():
         lora_A, lora_B = initial_factors(layer, init, svd_dtype, svd_driver, generator)
         layer.set_factors(lora_A, lora_B)
-        if on_layer is not None:
-            on_layer(name)
 
 
 def adapter_tensors(adapters: dict[str, MiloraLinear]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
