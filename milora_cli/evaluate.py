@@ -14,7 +14,7 @@ Scorer = Callable[[str, Example], bool]
 
 
 @contextmanager
-def _eval_mode(model) -> Iterator[None]:
+def eval_mode(model) -> Iterator[None]:
     """Dropout off while scoring; the model's training flag restored after (train.py scores mid-run)."""
     was_training = model.training
     model.eval()
@@ -39,7 +39,7 @@ def generate(
     stops = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
     outputs: list[str] = []
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             for start in range(0, len(prompts), batch_size):
                 batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
                 tokens = model.generate(
@@ -68,7 +68,7 @@ def window_losses(model, windows: Sequence[Sequence[int]], tokens_per_batch: int
     device = next(model.parameters()).device
     per_batch = max(1, tokens_per_batch // max(len(w) for w in windows)) if windows else 1
     results: list[tuple[float, int]] = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, len(windows), per_batch):
             chunk = windows[start : start + per_batch]
             width = max(len(w) for w in chunk)

@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 
 from milora_cli import data
+from milora_cli.evaluate import eval_mode
 from milora_cli.recipe import Recipe
 
 # Architectures whose logits are exactly lm_head(last hidden state): the loss then projects only the
@@ -99,15 +100,13 @@ def optimizer_step(loss_module, micro: list[dict[str, torch.Tensor]], accelerato
 @torch.no_grad()
 def validation_loss(loss_module, val_set: data.TokenizedDataset, collate, micro: int, accelerator: Accelerator) -> float:
     """Mean token loss over the validation set, each process scoring its own share."""
-    was_training = loss_module.training
-    loss_module.eval()
     total = torch.zeros(2, device=accelerator.device)
     share = val_set.examples[accelerator.process_index :: accelerator.num_processes]
-    for start in range(0, len(share), micro):
-        batch = {k: v.to(accelerator.device) for k, v in collate(share[start : start + micro]).items()}
-        with accelerator.autocast():
-            loss_sum, count = loss_module(**batch)
-        total += torch.stack([loss_sum.float(), count.float()])
-    loss_module.train(was_training)
+    with eval_mode(loss_module):
+        for start in range(0, len(share), micro):
+            batch = {k: v.to(accelerator.device) for k, v in collate(share[start : start + micro]).items()}
+            with accelerator.autocast():
+                loss_sum, count = loss_module(**batch)
+            total += torch.stack([loss_sum.float(), count.float()])
     total = accelerator.reduce(total, "sum")
     return (total[0] / total[1].clamp(min=1)).item()

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
 LIBRARIES = ("milora", "torch", "transformers", "accelerate", "datasets", "peft", "safetensors", "pydantic", "gguf")
@@ -76,23 +76,19 @@ def _step_of(line: str) -> float:
         return float("inf")
 
 
+def bar_columns(*middle: ProgressColumn) -> tuple[ProgressColumn, ...]:
+    """The columns of milora's progress bars: name, bar, n/total, `middle`, elapsed, ETA."""
+    return (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *middle, TimeElapsedColumn(),
+            TextColumn("ETA"), TimeRemainingColumn())
+
+
 class Progress:
     """A rich progress bar with loss, lr, tokens/s and ETA; silent off the main process."""
 
     def __init__(self, console: Console, total: int, start_step: int, enabled: bool):
         self.console = console
         self.enabled = enabled
-        self.bar = RichProgress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not enabled,
-        )
+        self.bar = RichProgress(*bar_columns(TextColumn("{task.fields[stats]}")), console=console, disable=not enabled)
         self.task = self.bar.add_task("train", total=total, completed=start_step, stats="")
 
     def __enter__(self) -> Progress:

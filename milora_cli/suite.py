@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from milora_cli import adapter, checkpoint, evaluate, export, models, tasks
 from milora_cli.errors import EvalError
 from milora_cli.recipe import EvalConfig
+from milora_cli.runlog import bar_columns
 
 RESULTS_FILE, SUMMARY_FILE, SETTINGS_FILE = "predictions.jsonl", "summary.json", "settings.json"
 
@@ -227,9 +228,7 @@ def table(summaries: dict[str, dict[str, Any]]) -> Table:
 
 @contextmanager
 def _progress(console: Console, enabled: bool) -> Iterator[Progress]:
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not enabled) as bar:
+    with Progress(*bar_columns(), console=console, disable=not enabled) as bar:
         yield bar
 
 
