@@ -26,10 +26,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
+from children import measure  # benchmarks/children.py: this script's folder is on sys.path
+
 ITEMSIZE = {"fp32": 4, "bf16": 2}
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 HIDDEN, INTERMEDIATE, VOCAB, HEADS, KV_HEADS = 2048, 5632, 32000, 16, 4
 TARGETS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"]
 
@@ -90,31 +93,12 @@ def build_base(folder: Path, size_gb: float, shard_mb: int, dtype: str) -> int:
     return layers
 
 
-class LazyWeights(Mapping):
-    """{layer: weight} read on access, for the fingerprint the adapter records."""
-
-    def __init__(self, folder: Path, layers: list[str]):
-        from milora_cli import shards
-
-        self.index, self.layers = shards.read_index(folder), layers
-
-    def __getitem__(self, layer: str):
-        from milora_cli import shards
-
-        return next(shards.read_tensors(self.index, [f"{layer}.weight"]))
-
-    def __iter__(self):
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-
 def build_adapter(folder: Path, base: Path, layers: int, rank: int, dtype: str) -> int:
     """An init-only milora adapter (trained == initial factors); returns its size in bytes."""
     import torch
 
     from milora_cli import checkpoint, models, shards
+    from milora_cli.export import LazyWeights
 
     index = shards.read_index(base)
     names = [f"model.layers.{i}.{target}" for i in range(layers) for target in TARGETS]
@@ -127,22 +111,11 @@ def build_adapter(folder: Path, base: Path, layers: int, rank: int, dtype: str) 
     meta = {
         "init": "milora", "r": rank, "lora_alpha": float(rank), "scaling": 1.0, "lora_dropout": 0.0, "target_modules": names,
         "base_model": str(base), "base_model_path": str(base), "revision": None, "base_dtype": dtype,
-        "base_fingerprint": models.weights_fingerprint(LazyWeights(base, names)), "versions": {}, "step": 0,
+        "base_fingerprint": models.weights_fingerprint(LazyWeights(index, names, models.DTYPES[dtype])), "versions": {}, "step": 0,
     }
     folder.mkdir(parents=True)
     checkpoint.write_adapter(folder, factors, factors, meta, "")
     return 2 * sum(t.numel() * t.element_size() for t in factors.values())
-
-
-def measure(command: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in GB) of a child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(command)}")
-    return seconds, usage.ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
 def build(root: Path, size_gb: float, shard_mb: int, dtype: str, rank: int) -> None:
@@ -177,11 +150,11 @@ def main() -> None:
               f"{largest / 1e6:.0f} MB); adapter r={args.rank} on {len(TARGETS)} targets x {layers} layers, "
               f"{adapter_bytes / 1e6:.0f} MB (trained + initial); built in {built['seconds']:.0f} s", flush=True)
         milora = [sys.executable, "-m", "milora_cli", "merge", "--adapter", str(root / "adapter")]
-        rows = {"milora merge": measure([*milora, "--output", str(root / "merged"), "--max-shard-size", f"{args.shard_mb}MB"])}
-        export = measure([*milora, "--output", str(root / "peft"), "--format", "peft"])
+        rows = {"milora merge": measure([*milora, "--output", str(root / "merged"), "--max-shard-size", f"{args.shard_mb}MB"], CHILD_ENV)}
+        export = measure([*milora, "--output", str(root / "peft"), "--format", "peft"], CHILD_ENV)
         shutil.rmtree(root / "merged")  # keep the disk use at two copies of the model
         rows["PEFT merge_and_unload"] = measure(
-            [sys.executable, "-c", PEFT_MERGE, str(root / "base"), str(root / "peft"), str(root / "peft-merged"), args.dtype, f"{args.shard_mb}MB"]
+            [sys.executable, "-c", PEFT_MERGE, str(root / "base"), str(root / "peft"), str(root / "peft-merged"), args.dtype, f"{args.shard_mb}MB"], CHILD_ENV
         )
         budget = (largest + adapter_bytes) / 1e9
         print(f"\n(`milora merge --format peft` export first: {export[0]:.1f} s, peak RSS {export[1]:.2f} GB)")

@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from children import measure  # benchmarks/children.py: this script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "commonsense" / "boolq" / "train.json"
@@ -69,17 +69,6 @@ json.dump(records, open(out, "w"))
 """
 
 
-def run_child(command: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of a child process."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    stderr = process.stderr.read().decode()
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{command[:4]} failed:\n{stderr[-3000:]}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024**2
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -105,7 +94,7 @@ def main() -> None:
         recipe_path.write_text(json.dumps(recipe))  # JSON is YAML
         # 1. PEFT first: it also records the tokens of every step, which milora's batches share
         peft_out = tmp / "peft.json"
-        peft_wall, peft_rss = run_child([sys.executable, "-c", PEFT_LOOP, str(recipe_path), str(args.steps), str(peft_out)], env)
+        peft_wall, peft_rss = measure([sys.executable, "-c", PEFT_LOOP, str(recipe_path), str(args.steps), str(peft_out)], env, REPO, False)
         peft_steps = json.loads(peft_out.read_text())
         tokens = {r["step"]: r["tokens"] for r in peft_steps}
         timed = [s for s in tokens if s > WARMUP]
@@ -116,7 +105,7 @@ def main() -> None:
         variants = {"milora train": []} | ({"milora train, compiled": ["train.compile=true"]} if args.compile else {})
         for name, overrides in variants.items():
             run_dir = tmp / name.replace(" ", "_").replace(",", "")
-            wall, rss = run_child([sys.executable, "-m", "milora_cli", "train", str(recipe_path), f"output.dir={run_dir}", *overrides], env)
+            wall, rss = measure([sys.executable, "-m", "milora_cli", "train", str(recipe_path), f"output.dir={run_dir}", *overrides], env, REPO, False)
             lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
             seconds = sum(tokens[l["step"]] / l["tokens_per_s"] for l in lines if l["step"] > WARMUP)
             rows[name] = (total / seconds, rss, wall)

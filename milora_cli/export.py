@@ -61,7 +61,7 @@ def merge(
     else:
         tensors = shards.read_index(base_folder)
         check_base(tensors, _trained_on(meta, base_folder), shapes, name)
-        seen = models.weights_fingerprint(_LazyWeights(tensors, layers, models.DTYPES[meta["base_dtype"]]))
+        seen = models.weights_fingerprint(LazyWeights(tensors, layers, models.DTYPES[meta["base_dtype"]]))
         if seen != meta["base_fingerprint"]:
             console.print(
                 f"[yellow]warning:[/] the weights of {name} differ from those the adapter was trained on (fingerprint "
@@ -160,7 +160,7 @@ def _trained_on(meta: dict[str, Any], base_folder: Path) -> dict[str, shards.Ten
         return None
 
 
-class _LazyWeights(Mapping):
+class LazyWeights(Mapping):
     """{layer: base weight in `dtype`}, read on access: fingerprinting holds one weight at a time."""
 
     def __init__(self, tensors: dict[str, shards.TensorInfo], layers: list[str], dtype: torch.dtype):
