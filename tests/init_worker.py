@@ -20,4 +20,7 @@ report = init_cache.initialise(adapters, cfg, seed=0, use_cache=False, rank=rank
 _, initial = adapter.adapter_tensors(adapters)
 save_file(initial, out / f"rank{rank}.safetensors")
 (out / f"rank{rank}.json").write_text(json.dumps({"computed": report.computed, "mine": report.mine}))
+# Both ranks reach teardown together: a rank that destroys its gloo group while the other still talks to it
+# aborts now and then ("terminate called without an active exception", SIGABRT).
+torch.distributed.barrier()
 torch.distributed.destroy_process_group()
