@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers import rel_max_error
 from milora_cli import adapter
 from milora_cli.errors import ModelError
 
@@ -28,10 +29,6 @@ def adapted(init: str, dtype=torch.float32, r: int = 4, alpha: float = 4.0, drop
 
 def tokens(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(seed))
-
-
-def rel_max_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 @pytest.mark.parametrize("init", ["milora", "pissa", "lora"])

@@ -1,20 +1,12 @@
 """The installed `milora` command: --help of every command, one-line errors with exit code 2, --dry-run."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import typer.main
 
+from helpers import milora
 from milora_cli.cli import app
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def milora(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "milora_cli", *args], cwd=REPO, capture_output=True, text=True, timeout=600)
-
 
 COMMANDS = sorted(typer.main.get_command(app).commands)
 

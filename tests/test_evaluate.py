@@ -13,11 +13,11 @@ import pytest
 import torch
 from rich.console import Console
 
+from helpers import REPO, milora
 from milora_cli import answers, data, evaluate, models, suite, tasks
 from milora_cli.errors import EvalError, RecipeError
 from milora_cli.recipe import eval_settings, validate
 
-REPO = Path(__file__).resolve().parents[1]
 QUIET = Console(quiet=True)
 
 
@@ -269,11 +269,8 @@ def test_a_run_dir_scores_like_its_merged_folder_and_the_recipe_eval_runs_after_
 @pytest.mark.slow
 def test_milora_eval_on_the_real_model_writes_results_and_summary(smollm2_path, shared_data, tmp_path):
     out = tmp_path / "eval"
-    result = subprocess.run(
-        [sys.executable, "-m", "milora_cli", "eval", "smollm2-135m", "--tasks", "boolq,gsm8k,wikitext", "--limit", "4",
-         "--data-dir", str(shared_data), "--output", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
-    )
+    result = milora("eval", "smollm2-135m", "--tasks", "boolq,gsm8k,wikitext", "--limit", "4",
+                    "--data-dir", str(shared_data), "--output", str(out), timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     records = read_results(out)
     assert sorted((r["task"], r["id"]) for r in records) == sorted((t, str(i)) for t in ("boolq", "gsm8k", "wikitext") for i in range(4))

@@ -16,11 +16,12 @@ from rich.console import Console
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+import helpers
+from helpers import REPO, rel_max_error
 from milora_cli import adapter, checkpoint, export, models, shards
 from milora_cli.recipe import validate
 from milora_cli.train import train
 
-REPO = Path(__file__).resolve().parents[1]
 INITS = ["lora", "pissa", "milora"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -53,10 +54,6 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
-def rel_max_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
 def token_ids(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(3))
 
@@ -70,7 +67,7 @@ def peft_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def milora(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "milora_cli", *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV)
+    return helpers.milora(*args, env=ENV)
 
 
 @pytest.fixture(scope="module")

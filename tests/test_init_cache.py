@@ -12,11 +12,11 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from helpers import REPO
 from milora_cli import adapter, init_cache, models
 from milora_cli.recipe import AdapterConfig, validate
 from milora_cli.train import train
 
-REPO = Path(__file__).resolve().parents[1]
 CFG = AdapterConfig(init="milora", r=4, target_modules="all-linear")
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import yaml
 
+from helpers import REPO
 from milora_cli import checkpoint
 from test_train import factors, max_rel_diff, tiny_recipe
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def wait_for_first_metrics_line(process: subprocess.Popen, metrics: Path, timeout: float = 120.0) -> None:

@@ -5,8 +5,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +13,13 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
+from helpers import milora
 from milora_cli import shards, spectra, svd
 from milora_cli.errors import InspectError
 from milora_cli.recipe import validate
 from milora_cli.spectra_report import inspect
 from milora_cli.train import train
 
-REPO = Path(__file__).resolve().parents[1]
 # q, k (short side 8) and down (wide) in two layers; the spectra are geometric, condition number 80 to 160
 SHAPES = {"self_attn.q_proj": (16, 16), "self_attn.k_proj": (8, 16), "mlp.down_proj": (16, 24)}
 
@@ -130,8 +128,7 @@ def test_plot_without_matplotlib_is_a_one_line_error(known_model, monkeypatch, t
 
 def test_cli_mistakes_are_one_line_and_exit_2(known_model):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "milora_cli", "svd-inspect", str(known_model[0]), "--modules", "q_prj"],
-                            cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    result = milora("svd-inspect", str(known_model[0]), "--modules", "q_prj", env=env, timeout=120)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "q_prj" in result.stderr
 
 
@@ -217,8 +214,7 @@ def test_pissa_moves_the_principal_subspace_more_than_milora_smollm2(smollm2_pat
     data = {"builtin": "quickstart"}
     runs = [str(short_run("smollm2-135m", tmp_path / init, init, data, 10, 1e-3, 8)) for init in ("milora", "pissa")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    result = subprocess.run([sys.executable, "-m", "milora_cli", "svd-inspect", "--compare", *runs, "--json", str(tmp_path / "c.json")],
-                            cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    result = milora("svd-inspect", "--compare", *runs, "--json", str(tmp_path / "c.json"), env=env)
     assert result.returncode == 0, result.stderr
     assert "quantisation noise floor" in result.stdout  # the honest label of the GGUF-derived weights
     document = json.loads((tmp_path / "c.json").read_text())

@@ -11,11 +11,11 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
+from helpers import milora
 from milora_cli import checkpoint
 from milora_cli.recipe import validate
 from milora_cli.train import BatchStream, learning_rate, train
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_recipe(model_dir: str, data_path: str, out: Path, **train_overrides) -> dict:
@@ -111,10 +111,6 @@ def test_learning_rate_schedules():
     recipe = validate({"data": {"builtin": "quickstart"}, "train": {"lr": 1.0, "warmup_steps": 2, "scheduler": "cosine"}})
     lrs = [learning_rate(step, recipe, 10) for step in range(10)]
     assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0 and all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] > 0
-
-
-def milora(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "milora_cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
