@@ -74,7 +74,7 @@ class MergeFormat(str, enum.Enum):
     peft = "peft"
 
 
-class MergeDtype(str, enum.Enum):
+class Dtype(str, enum.Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
@@ -95,7 +95,7 @@ def merge(
         MergeFormat, typer.Option("--format", help="merged: a Hugging Face model folder; peft: a PEFT LoRA of the original base.")
     ] = MergeFormat.merged,
     dtype: Annotated[
-        MergeDtype | None,
+        Dtype | None,
         typer.Option(help="dtype of the written weights. Default: the base's (merged), fp32 (peft).", show_default=False),
     ] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest weight file of a merged folder, e.g. 5GB, 500MB.")] = "5GB",
@@ -138,7 +138,7 @@ def eval_(
     batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch. Default: 16.", show_default=False)] = None,
     num_beams: Annotated[int | None, typer.Option(help="Beam search width; 1 (the default) is greedy.", show_default=False)] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens generated per example. Default: 32 commonsense, 512 GSM8K/MATH.", show_default=False)] = None,
-    dtype: Annotated[MergeDtype | None, typer.Option(help="dtype of the model. Default: a run's base dtype, else fp32.", show_default=False)] = None,
+    dtype: Annotated[Dtype | None, typer.Option(help="dtype of the model. Default: a run's base dtype, else fp32.", show_default=False)] = None,
     output: Annotated[Path, typer.Option(help="Results folder; an existing one of the same settings resumes.")] = Path("out/eval"),
 ) -> None:
     """Score a model or a run on the paper's benchmarks: per-example JSONL, summary JSON and a table. Resumes."""

@@ -27,6 +27,7 @@ from milora_cli.errors import RecipeError
 from milora_cli.recipe import Recipe, dump_recipe, validate
 from milora_cli.runlog import MetricsLog, Progress, versions
 
+
 @dataclass
 class Setup:
     """What the loop works on, built once from the recipe."""
