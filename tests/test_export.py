@@ -58,6 +58,13 @@ def token_ids(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(3))
 
 
+def trained_logits(run: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, the trained model's logits on them): what every export of `run` must reproduce."""
+    model = trained_model(run / "adapter")
+    ids = token_ids(model.config.vocab_size)
+    return ids, logits(model, ids)
+
+
 def peft_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
     from peft import PeftModel
 
@@ -79,9 +86,7 @@ def tiny_runs(tiny_model_dir, tiny_data, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("init", INITS)
 def test_merged_folder_and_peft_adapter_give_the_trained_logits(tiny_runs, tiny_model_dir, init, tmp_path):
     run = tiny_runs[init]
-    model = trained_model(run / "adapter")
-    ids = token_ids(model.config.vocab_size)
-    expected = logits(model, ids)
+    ids, expected = trained_logits(run)
     base = models.load_model(tiny_model_dir, "fp32")
     assert rel_max_error(logits(base, ids), expected) > 1e-2  # training moved the model: the checks below can fail
 
@@ -227,11 +232,8 @@ save_file({"logits": logits.contiguous()}, sys.argv[3])
 @pytest.mark.parametrize("init", INITS)
 def test_smollm2_merged_and_peft_give_the_trained_logits(smol_runs, smollm2_path, init, tmp_path):
     run = smol_runs[init]
-    model = trained_model(run / "adapter")
-    ids = token_ids(model.config.vocab_size)
-    expected = logits(model, ids)
+    ids, expected = trained_logits(run)
     assert rel_max_error(logits(models.load_model(smollm2_path, "fp32"), ids), expected) > 1e-4
-    del model
 
     merged = export.merge(run, tmp_path / "merged", max_shard_size="200MB")
     assert not (merged / models.SOURCE_FILE).exists() and "Q4_1" in (merged / "README.md").read_text()
