@@ -96,13 +96,15 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     console = console if (console is not None and main) else Console(quiet=not main)
     run_dir = Path(recipe.output.dir)
     recipe_yaml = dump_recipe(recipe)
-    # 1. claim the run folder: a fresh run, a resume, or nothing left to do
+    # 1. the run folder: a fresh run, a resume, or nothing left to do
     resume_from = _claim_run_dir(run_dir, recipe_yaml, console)
     if resume_from == "complete":
         return {"complete": True, "run_dir": str(run_dir)}
     set_seed(cfg.seed)
-    # 2. model, adapters, data, initial factors
+    # 2. model, adapters, data, initial factors; a fresh run folder is written only once they load
     setup = build(recipe, accelerator.device)
+    if resume_from is None:
+        _start_run_dir(run_dir, recipe_yaml)
     console.print(_data_line(recipe, setup))
     meta, summary = _initialise(recipe, setup, accelerator, console)
     saver = Saver(run_dir, setup.adapters, {**meta, "versions": versions()}, recipe_yaml, accelerator, cfg.keep_checkpoints)
@@ -283,7 +285,11 @@ class HeldoutScorer:
 
 
 def _claim_run_dir(run_dir: Path, recipe_yaml: str, console: Console) -> Path | str | None:
-    """Start, resume or refuse: a run dir belongs to one recipe. Returns None, a checkpoint, or 'complete'."""
+    """Start, resume or refuse: a run dir belongs to one recipe. Returns None (start), a checkpoint, or 'complete'.
+
+    Writes nothing: a recipe that then fails to load its model or data leaves no folder that would refuse
+    the next, corrected recipe.
+    """
     saved = run_dir / "recipe.yaml"
     if saved.is_file():
         if _resolved(saved.read_text()) != recipe_yaml:
@@ -296,10 +302,13 @@ def _claim_run_dir(run_dir: Path, recipe_yaml: str, console: Console) -> Path | 
         found = checkpoint.training_checkpoints(run_dir)
         if found:
             return found[-1]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_text_atomic(saved, recipe_yaml)
-    checkpoint.write_text_atomic(run_dir / "versions.json", json.dumps(versions(), indent=2))
     return None
+
+
+def _start_run_dir(run_dir: Path, recipe_yaml: str) -> None:
+    """A fresh run's folder: its resolved recipe (which claims the folder) and the library versions."""
+    checkpoint.write_text_atomic(run_dir / "recipe.yaml", recipe_yaml)
+    checkpoint.write_text_atomic(run_dir / "versions.json", json.dumps(versions(), indent=2))
 
 
 def _resolved(recipe_yaml: str) -> str | None:

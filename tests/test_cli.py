@@ -41,10 +41,12 @@ def test_unknown_recipe_key_is_one_line_and_exit_2(tmp_path):
         (["train", "recipes/quickstart.yaml", "--dry-run", "model.name_or_path=/no/such/model"], "model.name_or_path"),
     ],
 )
-def test_user_mistakes_exit_2_without_traceback(args, needle, smollm2_path):
-    result = milora(*args)
+def test_user_mistakes_exit_2_without_traceback(args, needle, smollm2_path, tmp_path):
+    run_dir = tmp_path / "run"  # never the repository's out/: the README runs the quickstart there
+    result = milora(*args, f"output.dir={run_dir}")
     assert result.returncode == 2, result.stdout + result.stderr
     assert needle in result.stderr and "Traceback" not in result.stderr
+    assert not run_dir.exists()  # a recipe that fails leaves no run folder to refuse the corrected one
 
 
 def test_dry_run_shows_recipe_mask_and_counts(smollm2_path):

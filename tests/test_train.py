@@ -98,6 +98,18 @@ def test_a_run_dir_of_another_recipe_is_refused(tiny_model_dir, tiny_data, tmp_p
     assert run(tiny_recipe(tiny_model_dir, tiny_data, out, max_steps=0))["complete"]
 
 
+def test_a_recipe_that_fails_to_load_does_not_claim_its_run_dir(tiny_model_dir, tiny_data, tmp_path):
+    from milora_cli.errors import DataError
+
+    out = tmp_path / "run"
+    broken = tiny_recipe(tiny_model_dir, tiny_data, out, max_steps=0)
+    broken["data"]["path"] = str(tmp_path / "missing.json")
+    with pytest.raises(DataError, match="data file not found"):
+        run(broken)
+    assert not out.exists()
+    assert run(tiny_recipe(tiny_model_dir, tiny_data, out, max_steps=0))["steps"] == 0  # the fixed recipe starts there
+
+
 def test_batch_stream_splits_the_global_batch_across_processes():
     one = BatchStream(40, seed=1, micro=4, accumulation=1, rank=0, world=1)
     two = [BatchStream(40, seed=1, micro=2, accumulation=1, rank=rank, world=2) for rank in (0, 1)]
