@@ -25,10 +25,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from milora_cli import suite, tasks
-from milora_cli.checkpoint import write_text_atomic
+from milora_cli.evaluation import suite, tasks
+from milora_cli.atomic import write_text_atomic
 from milora_cli.recipe import eval_settings, validate
-from milora_cli.train import train
+from milora_cli.training.train import train
 
 TRAIN_SETS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
 INITS = ("lora", "pissa", "milora")

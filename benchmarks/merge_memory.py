@@ -97,8 +97,8 @@ def build_adapter(folder: Path, base: Path, layers: int, rank: int, dtype: str) 
     """An init-only milora adapter (trained == initial factors); returns its size in bytes."""
     import torch
 
-    from milora_cli import checkpoint, models, shards
-    from milora_cli.export import LazyWeights
+    from milora_cli import adapter_folder, models, shards
+    from milora_cli.merge import LazyWeights
 
     index = shards.read_index(base)
     names = [f"model.layers.{i}.{target}" for i in range(layers) for target in TARGETS]
@@ -114,7 +114,7 @@ def build_adapter(folder: Path, base: Path, layers: int, rank: int, dtype: str) 
         "base_fingerprint": models.weights_fingerprint(LazyWeights(index, names, models.DTYPES[dtype])), "versions": {}, "step": 0,
     }
     folder.mkdir(parents=True)
-    checkpoint.write_adapter(folder, factors, factors, meta, "")
+    adapter_folder.write_adapter(folder, factors, factors, meta, "")
     return 2 * sum(t.numel() * t.element_size() for t in factors.values())
 
 

@@ -34,8 +34,9 @@ PEFT_LOOP = """
 import json, sys, time
 import torch
 from peft import LoraConfig, get_peft_model
-from milora_cli import data, models
-from milora_cli.loop import BatchStream
+from milora_cli import models
+from milora_cli.data import records, tokens
+from milora_cli.training.step import BatchStream
 from milora_cli.recipe import load_recipe
 
 recipe_path, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -49,13 +50,13 @@ lora = LoraConfig(r=recipe.adapter.r, lora_alpha=recipe.adapter.alpha, lora_drop
                   target_modules=recipe.adapter.target_modules, task_type="CAUSAL_LM")
 model = get_peft_model(model, lora)
 model.train()
-train_examples, _ = data.load_records(recipe.data, cfg.seed)
-train_set = data.build_dataset(train_examples, tokenizer, recipe.data.max_length, recipe.data.train_on_prompt)
+train_examples, _ = records.load_records(recipe.data, cfg.seed)
+train_set = tokens.build_dataset(train_examples, tokenizer, recipe.data.max_length, recipe.data.train_on_prompt)
 stream = BatchStream(len(train_set.examples), cfg.seed, cfg.micro_batch_size, 1, 0, 1)
-collate = data.Collator(tokenizer.pad_token_id)
+collate = tokens.Collator(tokenizer.pad_token_id)
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=cfg.lr)
-records = []
+timings = []
 for step in range(steps):
     batch = collate([train_set.examples[i] for i in stream.step(step)[0]])
     start = time.perf_counter()
@@ -64,8 +65,8 @@ for step in range(steps):
     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    records.append({"step": step + 1, "seconds": time.perf_counter() - start, "tokens": int(batch["attention_mask"].sum())})
-json.dump(records, open(out, "w"))
+    timings.append({"step": step + 1, "seconds": time.perf_counter() - start, "tokens": int(batch["attention_mask"].sum())})
+json.dump(timings, open(out, "w"))
 """
 
 

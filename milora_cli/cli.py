@@ -60,7 +60,8 @@ def train(
 ) -> None:
     """Train a MiLoRA / PiSSA / LoRA adapter from a recipe. An existing run dir of the same recipe resumes."""
     from milora_cli.recipe import load_recipe
-    from milora_cli.train import describe, train as run_training
+    from milora_cli.training.build import describe
+    from milora_cli.training.train import train as run_training
 
     resolved = load_recipe(recipe, overrides or [])
     if dry_run:
@@ -102,7 +103,7 @@ def merge(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --output folder, once the new one is complete.")] = False,
 ) -> None:
     """Merge a trained adapter into the ORIGINAL base model, or export it as a plain PEFT LoRA of that base."""
-    from milora_cli.export import merge as run_merge
+    from milora_cli.merge import merge as run_merge
 
     run_merge(adapter, output, base, fmt.value, dtype.value if dtype else None, max_shard_size, force, console)
 
@@ -123,7 +124,7 @@ def svd_inspect(
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of the normalised spectra per module type (needs matplotlib).", show_default=False)] = None,
 ) -> None:
     """Singular-value spectra of a model's linear weights; for runs, where the learned update lies in them."""
-    from milora_cli.spectra_report import inspect
+    from milora_cli.spectra.inspect import inspect
 
     inspect(model, modules, layers, rank, compare, json_path, csv_path, plot, console)
 
@@ -143,7 +144,7 @@ def eval_(
 ) -> None:
     """Score a model or a run on the paper's benchmarks: per-example JSONL, summary JSON and a table. Resumes."""
     from milora_cli.recipe import eval_settings
-    from milora_cli.suite import run as run_eval
+    from milora_cli.evaluation.suite import run as run_eval
 
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     cfg = eval_settings({"tasks": names, "data_dir": data_dir, "limit": limit, "batch_size": batch_size, "num_beams": num_beams,

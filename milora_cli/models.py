@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from milora_cli import checkpoint
+from milora_cli import atomic
 from milora_cli.errors import ModelError
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -98,7 +98,7 @@ def _convert_gguf(gguf_dir: Path, spec: EmbeddedModel, folder: Path) -> None:
         if folder.exists():  # another process converted it meanwhile
             shutil.rmtree(tmp)
         else:
-            os.chmod(tmp, checkpoint.default_mode(0o777))  # mkdtemp's 0700 would hide the cache from other users
+            os.chmod(tmp, atomic.default_mode(0o777))  # mkdtemp's 0700 would hide the cache from other users
             os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from milora_cli import adapter, init_cache, models
+from milora_cli import adapter, models
+from milora_cli.training import init_cache
 from milora_cli.recipe import AdapterConfig
 
 model_dir, out = sys.argv[1], Path(sys.argv[2])

@@ -1,4 +1,4 @@
-"""Properties of milora_cli.data: layouts, loading, splitting, label masks, truncation and collation."""
+"""Properties of milora_cli.data (records, tokens, builtin): layouts, loading, splitting, label masks, truncation and collation."""
 
 import json
 import pickle
@@ -7,19 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from milora_cli import data
-from milora_cli.data import (
-    Collator,
-    Example,
-    TokenizedExample,
-    build_dataset,
-    format_prompt,
-    load_records,
-    normalize_record,
-    prompt_for_generation,
-    render_label_mask,
-    tokenize_example,
-)
+from milora_cli.data import builtin, records, tokens
+from milora_cli.data.records import Example, format_prompt, load_records, normalize_record, prompt_for_generation
+from milora_cli.data.tokens import Collator, TokenizedExample, build_dataset, render_label_mask, tokenize_example
 from milora_cli.errors import DataError, MiloraError
 
 EXAMPLES = [
@@ -80,10 +70,10 @@ def test_labels_cover_exactly_response_and_eos(smol_tokenizer, ex):
     n_prompt = len(prompt_ids)
     # The prompt tokens are the very tokens evaluation conditions generation on.
     assert tok.input_ids[:n_prompt] == prompt_ids
-    assert tok.labels[:n_prompt] == [data.IGNORE_INDEX] * n_prompt
+    assert tok.labels[:n_prompt] == [tokens.IGNORE_INDEX] * n_prompt
     assert tok.labels[n_prompt:] == tok.input_ids[n_prompt:]
     assert tok.input_ids[-1] == smol_tokenizer.eos_token_id
-    trained = [t for t in tok.labels if t != data.IGNORE_INDEX]
+    trained = [t for t in tok.labels if t != tokens.IGNORE_INDEX]
     assert smol_tokenizer.decode(trained) == ex.output + smol_tokenizer.eos_token
     assert not tok.truncated
 
@@ -117,7 +107,7 @@ def test_build_dataset_counts(smol_tokenizer):
     kept_full = [t for t, gone in zip(full, dropped) if not gone]
     assert ds.n_truncated == sum(len(t.input_ids) > max_length for t in kept_full) >= 1
     assert ds.n_tokens == sum(min(len(t.input_ids), max_length) for t in kept_full)
-    assert ds.n_label_tokens == sum(sum(x != data.IGNORE_INDEX for x in t.labels) for t in ds.examples) > 0
+    assert ds.n_label_tokens == sum(sum(x != tokens.IGNORE_INDEX for x in t.labels) for t in ds.examples) > 0
     untouched = build_dataset(EXAMPLES, smol_tokenizer, 512, False)
     assert (untouched.n_dropped, untouched.n_truncated) == (0, 0)
     assert untouched.n_tokens == sum(len(t.input_ids) for t in full)
@@ -139,7 +129,7 @@ def test_collator_right_pads(smol_tokenizer):
         assert out["input_ids"][row, :n].tolist() == t.input_ids
         assert out["labels"][row, :n].tolist() == t.labels
         assert (out["input_ids"][row, n:] == smol_tokenizer.pad_token_id).all()
-        assert (out["labels"][row, n:] == data.IGNORE_INDEX).all()
+        assert (out["labels"][row, n:] == tokens.IGNORE_INDEX).all()
         assert (out["attention_mask"][row, n:] == 0).all()
 
 
@@ -199,8 +189,8 @@ def test_bad_keys_name_the_file_record_and_missing_key():
 )
 def test_real_files_are_auto_detected(shared_data, relpath, layout):
     path = shared_data / relpath
-    raw = data._read_raw(str(path), "train")
-    assert data.detect_format(raw[0]) == layout
+    raw = records._read_raw(str(path), "train")
+    assert records.detect_format(raw[0]) == layout
     train, val = load_records(make_cfg(path=str(path), val_size=10), seed=0)
     assert len(train) + len(val) == len(raw) and len(val) == 10
     for ex in train[:200] + val:
@@ -284,7 +274,7 @@ def test_builtin_registry(monkeypatch):
         rows = [{"instruction": f"i{seed}-{k}", "input": "", "output": "o", "answer": None} for k in range(4)]
         return rows[:3], rows[3:]
 
-    monkeypatch.setitem(data.BUILTIN_DATASETS, "toy", generate)
+    monkeypatch.setitem(builtin.BUILTINS, "toy", builtin.Builtin(generate, lambda generation, record: True))
     train, val = load_records(make_cfg(builtin="toy", max_examples=2), seed=5)
     assert [ex.instruction for ex in train] == ["i5-0", "i5-1"] and [ex.instruction for ex in val] == ["i5-3"]
     with pytest.raises(DataError, match="unknown builtin dataset 'nope'"):

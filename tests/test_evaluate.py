@@ -14,7 +14,9 @@ import torch
 from rich.console import Console
 
 from helpers import REPO, milora
-from milora_cli import answers, data, evaluate, models, suite, tasks
+from milora_cli import models
+from milora_cli.evaluation import answers, generate, suite, tasks
+from milora_cli.data import records
 from milora_cli.errors import EvalError, RecipeError
 from milora_cli.recipe import eval_settings, validate
 
@@ -52,7 +54,7 @@ def test_gsm8k_extraction_on_real_records(shared_data):
     assert any("," in record["answer"].rpartition("####")[2] for record in raw)  # golds like 2,125 exist
     gsm8k = tasks.TASKS["gsm8k"]
     for record, item in zip(raw, items, strict=True):
-        target = data.normalize_record(record, "gsm8k").output  # what training teaches: "... The answer is: N"
+        target = records.normalize_record(record, "gsm8k").output  # what training teaches: "... The answer is: N"
         assert tasks.score(gsm8k, target, item.gold) == (item.gold, True)
     item, gold = items[0], items[0].gold
     with_commas = f"{int(gold):,}"
@@ -117,7 +119,7 @@ def test_prompts_are_the_training_prompts(name, shared_data, smol_tokenizer):
     if name == "gsm8k":  # the very prompt training masks for this record
         record = json.loads((shared_data / "math/gsm8k_test.jsonl").read_text().splitlines()[0])
         first = real_items(name, shared_data, 1)[0]
-        assert first.prompt == data.prompt_for_generation(data.normalize_record(record, "gsm8k")) + tasks.MATH_CUE
+        assert first.prompt == records.prompt_for_generation(records.normalize_record(record, "gsm8k")) + tasks.MATH_CUE
 
 
 # --- the model side on a tiny model -------------------------------------------------------------------
@@ -131,7 +133,7 @@ def test_window_losses_equal_the_model_loss_and_ignore_padding(tiny):
     model, _ = tiny
     torch.manual_seed(0)
     windows = [torch.randint(0, 1000, (n,)).tolist() for n in (40, 40, 17)]
-    batched = evaluate.window_losses(model, windows, tokens_per_batch=120)  # one padded batch of three
+    batched = generate.window_losses(model, windows, tokens_per_batch=120)  # one padded batch of three
     for window, (nll, count) in zip(windows, batched, strict=True):
         ids = torch.tensor([window])
         reference = model(input_ids=ids, labels=ids).loss.item()
@@ -140,9 +142,9 @@ def test_window_losses_equal_the_model_loss_and_ignore_padding(tiny):
 
 def test_beams_and_greedy_both_generate_one_text_per_prompt(tiny):
     model, tokenizer = tiny
-    prompts = [data.format_prompt(f"Count to {n}.") for n in range(3)]
+    prompts = [records.format_prompt(f"Count to {n}.") for n in range(3)]
     for beams in (1, 2):
-        outputs = evaluate.generate(model, tokenizer, prompts, 6, 2, num_beams=beams, stop_strings=("Response",))
+        outputs = generate.generate(model, tokenizer, prompts, 6, 2, num_beams=beams, stop_strings=("Response",))
         assert len(outputs) == 3 and all(isinstance(text, str) for text in outputs)
 
 
@@ -237,8 +239,8 @@ def test_unknown_tasks_and_bad_values_are_one_line_errors():
 # --- runs: base + adapter unmerged, and the recipe's eval section -------------------------------------
 
 def test_a_run_dir_scores_like_its_merged_folder_and_the_recipe_eval_runs_after_training(tiny_model_dir, tiny_data, tmp_path):
-    from milora_cli.export import merge
-    from milora_cli.train import train
+    from milora_cli.merge import merge
+    from milora_cli.training.train import train
 
     data_dir = tiny_data_dir(tmp_path)
     run_dir = tmp_path / "run"

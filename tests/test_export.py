@@ -18,9 +18,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import helpers
 from helpers import REPO, rel_max_error
-from milora_cli import adapter, checkpoint, export, models, shards
+from milora_cli import adapter, adapter_folder, models, shards
+from milora_cli import merge
 from milora_cli.recipe import validate
-from milora_cli.train import train
+from milora_cli.training.train import train
 
 INITS = ["lora", "pissa", "milora"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -42,7 +43,7 @@ def short_run(model: str, data: str, out: Path, init: str, r: int, targets, lr: 
 
 def trained_model(folder: Path):
     """The model as training left it: the base with the milora layers and the saved factors."""
-    trained, initial, meta = checkpoint.read_adapter(folder)
+    trained, initial, meta = adapter_folder.read_adapter(folder)
     model = models.load_model(meta["base_model_path"], meta["base_dtype"])
     layers = adapter.inject(model, meta["target_modules"], meta["r"], meta["lora_alpha"], 0.0)
     adapter.load_adapter_tensors(layers, trained, initial)
@@ -68,7 +69,7 @@ def trained_logits(run: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def peft_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
     from peft import PeftModel
 
-    config = json.loads((folder / export.PEFT_CONFIG).read_text())
+    config = json.loads((folder / merge.PEFT_CONFIG).read_text())
     base = AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
     return logits(PeftModel.from_pretrained(base, folder).eval(), ids)
 
@@ -90,21 +91,21 @@ def test_merged_folder_and_peft_adapter_give_the_trained_logits(tiny_runs, tiny_
     base = models.load_model(tiny_model_dir, "fp32")
     assert rel_max_error(logits(base, ids), expected) > 1e-2  # training moved the model: the checks below can fail
 
-    merged = export.merge(run, tmp_path / "merged", max_shard_size="100KB")  # several shards and an index
+    merged = merge.merge(run, tmp_path / "merged", max_shard_size="100KB")  # several shards and an index
     index = json.loads((merged / shards.INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 1 and "lm_head.weight" not in index["weight_map"]
     assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"] is True
     assert rel_max_error(logits(AutoModelForCausalLM.from_pretrained(merged).eval(), ids), expected) <= 1e-5
 
-    peft_dir = export.merge(run, tmp_path / "peft", fmt="peft")
-    config = json.loads((peft_dir / export.PEFT_CONFIG).read_text())
+    peft_dir = merge.merge(run, tmp_path / "peft", fmt="peft")
+    config = json.loads((peft_dir / merge.PEFT_CONFIG).read_text())
     factor = 1 if init == "lora" else 2  # lora: B0 = 0, nothing to subtract
     assert (config["r"], config["lora_alpha"]) == (4 * factor, 4 * factor * (2 if init == "lora" else 1))
     assert config["target_modules"] == sorted({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
     assert rel_max_error(peft_logits(peft_dir, ids), expected) <= 1e-5
 
     if init != "lora":  # why the export needs B0 A0: "base + s B A" on the original weights is another model
-        trained, _, meta = checkpoint.read_adapter(run / "adapter")
+        trained, _, meta = adapter_folder.read_adapter(run / "adapter")
         with torch.no_grad():
             for layer in meta["target_modules"]:
                 update = trained[f"{layer}.lora_B.weight"] @ trained[f"{layer}.lora_A.weight"]
@@ -113,8 +114,8 @@ def test_merged_folder_and_peft_adapter_give_the_trained_logits(tiny_runs, tiny_
 
 
 def test_bf16_merge_is_the_float32_merge_rounded_once(tiny_runs, tmp_path):
-    fp32 = export.merge(tiny_runs["milora"], tmp_path / "fp32")
-    bf16 = export.merge(tiny_runs["milora"], tmp_path / "bf16", dtype="bf16")
+    fp32 = merge.merge(tiny_runs["milora"], tmp_path / "fp32")
+    bf16 = merge.merge(tiny_runs["milora"], tmp_path / "bf16", dtype="bf16")
     assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
     exact, rounded = load_file(fp32 / "model.safetensors"), load_file(bf16 / "model.safetensors")
     assert exact.keys() == rounded.keys() and all(torch.equal(exact[k].bfloat16(), rounded[k]) for k in exact)
@@ -124,8 +125,8 @@ def test_one_layer_by_its_full_path_exports_an_exact_peft_regex(tiny_model_dir, 
     """Leaf names would make PEFT adapt every q_proj; a run of one layer exports that layer only."""
     layer = "model.layers.1.self_attn.q_proj"
     run = short_run(tiny_model_dir, tiny_data, tmp_path / "run", "milora", 4, [layer], 5e-2)
-    peft_dir = export.merge(run, tmp_path / "peft", fmt="peft")
-    config = json.loads((peft_dir / export.PEFT_CONFIG).read_text())
+    peft_dir = merge.merge(run, tmp_path / "peft", fmt="peft")
+    config = json.loads((peft_dir / merge.PEFT_CONFIG).read_text())
     assert isinstance(config["target_modules"], str) and "layers\\.1" in config["target_modules"]
     ids = token_ids(1000)
     assert rel_max_error(peft_logits(peft_dir, ids), logits(trained_model(run / "adapter"), ids)) <= 1e-5
@@ -136,7 +137,7 @@ def test_other_weights_of_the_same_architecture_are_merged_with_a_warning(tiny_r
     torch.manual_seed(1)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "other")
     console = Console(record=True, width=400)
-    export.merge(tiny_runs["milora"], tmp_path / "out", base=str(tmp_path / "other"), console=console)
+    merge.merge(tiny_runs["milora"], tmp_path / "out", base=str(tmp_path / "other"), console=console)
     assert "differ from those the adapter was trained on" in console.export_text()
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
@@ -161,7 +162,7 @@ def test_an_existing_output_is_refused_and_replaced_only_with_force(tiny_runs, t
     assert result.returncode == 2 and "--force" in result.stderr and (out / "keep.txt").is_file()
     result = milora("merge", "--adapter", str(tiny_runs["lora"] / "adapter"), "--output", str(out), "--format", "peft", "--force")
     assert result.returncode == 0, result.stderr
-    assert (out / export.PEFT_WEIGHTS).is_file() and not (out / "keep.txt").exists()
+    assert (out / merge.PEFT_WEIGHTS).is_file() and not (out / "keep.txt").exists()
 
 
 def synthetic_adapter(root: Path, n_layers: int = 24, size: int = 2048, r: int = 4) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -179,7 +180,7 @@ def synthetic_adapter(root: Path, n_layers: int = 24, size: int = 2048, r: int =
             "base_model": str(base), "base_model_path": str(base), "revision": None, "base_dtype": "fp32",
             "base_fingerprint": "unknown", "versions": {}}
     (root / "adapter").mkdir()
-    checkpoint.write_adapter(root / "adapter", trained, initial, meta, "")
+    adapter_folder.write_adapter(root / "adapter", trained, initial, meta, "")
     delta = {l: trained[f"{l}.lora_B.weight"] @ trained[f"{l}.lora_A.weight"] - initial[f"{l}.lora_B.weight"] @ initial[f"{l}.lora_A.weight"] for l in layers}
     return root / "adapter", {f"{l}.weight": weights[f"{l}.weight"] + d for l, d in delta.items()}
 
@@ -235,9 +236,9 @@ def test_smollm2_merged_and_peft_give_the_trained_logits(smol_runs, smollm2_path
     ids, expected = trained_logits(run)
     assert rel_max_error(logits(models.load_model(smollm2_path, "fp32"), ids), expected) > 1e-4
 
-    merged = export.merge(run, tmp_path / "merged", max_shard_size="200MB")
+    merged = merge.merge(run, tmp_path / "merged", max_shard_size="200MB")
     assert not (merged / models.SOURCE_FILE).exists() and "Q4_1" in (merged / "README.md").read_text()
-    assert json.loads((merged / export.PROVENANCE_FILE).read_text())["derived_from"]["quantised"] is True
+    assert json.loads((merged / merge.PROVENANCE_FILE).read_text())["derived_from"]["quantised"] is True
     save_file({"ids": ids}, tmp_path / "ids.safetensors")
     # A fresh interpreter that never imports milora loads the folder with transformers alone.
     load = subprocess.run([sys.executable, "-c", LOAD_MERGED, str(merged), str(tmp_path / "ids.safetensors"), str(tmp_path / "out.safetensors")],
@@ -245,8 +246,8 @@ def test_smollm2_merged_and_peft_give_the_trained_logits(smol_runs, smollm2_path
     assert load.returncode == 0, load.stderr[-3000:]
     merged_error = rel_max_error(load_file(tmp_path / "out.safetensors")["logits"], expected)
 
-    peft_dir = export.merge(run, tmp_path / "peft", fmt="peft")
-    config = json.loads((peft_dir / export.PEFT_CONFIG).read_text())
+    peft_dir = merge.merge(run, tmp_path / "peft", fmt="peft")
+    config = json.loads((peft_dir / merge.PEFT_CONFIG).read_text())
     assert config["base_model_name_or_path"] == str(Path(smollm2_path).resolve())
     peft_error = rel_max_error(peft_logits(peft_dir, ids), expected)
     print(f"{init}: merged {merged_error:.2e}, peft {peft_error:.2e} (fp32 relative max error of the logits)")

@@ -13,9 +13,10 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from helpers import REPO
-from milora_cli import adapter, init_cache, models
+from milora_cli import adapter, models
+from milora_cli.training import init_cache
 from milora_cli.recipe import AdapterConfig, validate
-from milora_cli.train import train
+from milora_cli.training.train import train
 
 CFG = AdapterConfig(init="milora", r=4, target_modules="all-linear")
 

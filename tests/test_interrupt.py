@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from helpers import REPO
-from milora_cli import checkpoint
+from milora_cli.training import checkpoints
 from test_train import factors, max_rel_diff, tiny_recipe
 
 
@@ -39,7 +39,7 @@ def test_sigint_checkpoints_exits_130_and_the_rerun_matches_a_straight_run(tiny_
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-3000:]
     assert "interrupted" in stdout and "Traceback" not in stderr
-    saved = checkpoint.training_checkpoints(interrupted)
+    saved = checkpoints.training_checkpoints(interrupted)
     assert len(saved) == 1 and not (interrupted / "adapter").exists()
     stopped_at = int(saved[0].name.removeprefix("step-"))
     assert 1 <= stopped_at < settings["max_steps"]

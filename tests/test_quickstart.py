@@ -3,7 +3,7 @@
 import pytest
 
 from milora_cli.errors import DataError
-from milora_cli.quickstart import FAMILIES, accuracy, extract_answer, family_of, generate, is_correct
+from milora_cli.data.quickstart import FAMILIES, accuracy, extract_answer, family_of, generate, is_correct
 
 REVERSE = {"instruction": "Reverse the order of the words: lamp tiger apple", "input": "",
            "output": "apple tiger lamp", "answer": "apple tiger lamp"}

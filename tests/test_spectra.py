@@ -14,11 +14,12 @@ from rich.console import Console
 from safetensors.torch import save_file
 
 from helpers import milora
-from milora_cli import shards, spectra, svd
+from milora_cli import shards, svd
+from milora_cli.spectra import analysis
 from milora_cli.errors import InspectError
 from milora_cli.recipe import validate
-from milora_cli.spectra_report import inspect
-from milora_cli.train import train
+from milora_cli.spectra.inspect import inspect
+from milora_cli.training.train import train
 
 # q, k (short side 8) and down (wide) in two layers; the spectra are geometric, condition number 80 to 160
 SHAPES = {"self_attn.q_proj": (16, 16), "self_attn.k_proj": (8, 16), "mlp.down_proj": (16, 24)}
@@ -65,7 +66,7 @@ def test_known_spectra_are_recovered(known_model):
     for s in found.spectra:
         S = chosen[s.name]
         assert np.max(np.abs(s.S.numpy() - S) / S) <= 1e-5, s.name
-        stats = spectra.spectrum_stats(s.S, 2)
+        stats = analysis.spectrum_stats(s.S, 2)
         p = S / S.sum()
         assert stats["condition"] == pytest.approx(S[0] / S[-1], rel=1e-5)
         assert stats["effective_rank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-6)
@@ -84,7 +85,7 @@ def test_a_second_inspection_reads_the_cache(known_model, monkeypatch):
     second = inspect([str(folder)])
     assert len(calls) == 6 and second.cached == 6
     assert all(torch.equal(a.S, b.S) for a, b in zip(first.spectra, second.spectra))
-    entries = sorted((Path(os.environ["MILORA_CACHE"]) / spectra.SPECTRA_DIR).glob("*.safetensors"))
+    entries = sorted((Path(os.environ["MILORA_CACHE"]) / analysis.SPECTRA_DIR).glob("*.safetensors"))
     assert len(entries) == 6
     entries[0].write_bytes(b"damaged")  # a damaged entry is recomputed, not an error
     assert inspect([str(folder)]).cached == 5 and len(calls) == 7
@@ -145,16 +146,16 @@ def test_update_measures_on_constructed_updates():
     W = U @ torch.diag(S) @ V.T
     base = svd.decompose(W)
     X = torch.randn(2, 2, generator=g, dtype=torch.float64) * 0.1
-    principal = spectra.update_stats(base, W, U[:, :2] @ X @ V[:, :2].T, 2)
+    principal = analysis.update_stats(base, W, U[:, :2] @ X @ V[:, :2].T, 2)
     assert principal.principal_share == pytest.approx(1.0) and principal.minor_share == pytest.approx(0.0, abs=1e-12)
-    minor = spectra.update_stats(base, W, U[:, -2:] @ torch.diag(torch.tensor([0.3, 0.2], dtype=torch.float64)) @ V[:, -2:].T, 2)
+    minor = analysis.update_stats(base, W, U[:, -2:] @ torch.diag(torch.tensor([0.3, 0.2], dtype=torch.float64)) @ V[:, -2:].T, 2)
     assert minor.minor_share == pytest.approx(1.0) and minor.principal_share == pytest.approx(0.0, abs=1e-12)
     assert minor.max_angle == pytest.approx(0.0, abs=1e-5)  # only minor singular values moved: the top is where it was
     # W' = R W rotates W's left singular vectors by R: the top one (e1) by 10 degrees
     D = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
-    rotated = spectra.update_stats(svd.decompose(D), D, (rotation(math.radians(10)) - torch.eye(3, dtype=torch.float64)) @ D, 1)
+    rotated = analysis.update_stats(svd.decompose(D), D, (rotation(math.radians(10)) - torch.eye(3, dtype=torch.float64)) @ D, 1)
     assert rotated.max_angle == pytest.approx(10.0, rel=1e-9) and rotated.mean_sin2 == pytest.approx(math.sin(math.radians(10)) ** 2)
-    zero = spectra.update_stats(base, W, torch.zeros_like(W), 2)
+    zero = analysis.update_stats(base, W, torch.zeros_like(W), 2)
     assert math.isnan(zero.principal_share) and zero.max_angle == pytest.approx(0.0, abs=1e-9) and zero.relative_norm == 0.0
 
 

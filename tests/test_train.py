@@ -12,9 +12,10 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from helpers import milora
-from milora_cli import checkpoint
+from milora_cli import adapter_folder, atomic
 from milora_cli.recipe import validate
-from milora_cli.train import BatchStream, learning_rate, train
+from milora_cli.training.step import BatchStream, learning_rate
+from milora_cli.training.train import train
 
 
 
@@ -33,7 +34,7 @@ def run(raw: dict) -> dict:
 
 
 def factors(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / checkpoint.ADAPTER_FILE)
+    return load_file(folder / adapter_folder.ADAPTER_FILE)
 
 
 def max_rel_diff(a: dict, b: dict) -> float:
@@ -59,16 +60,16 @@ def test_max_steps_zero_saves_the_initialised_adapter(tiny_model_dir, tiny_data,
     out = tmp_path / "init"
     summary = run(tiny_recipe(tiny_model_dir, tiny_data, out, max_steps=0))
     assert summary["steps"] == 0
-    trained, initial, meta = checkpoint.read_adapter(out / "adapter")
+    trained, initial, meta = adapter_folder.read_adapter(out / "adapter")
     assert trained.keys() == initial.keys() and all(torch.equal(trained[k], initial[k]) for k in trained)
     assert meta["init"] == "milora" and meta["step"] == 0 and len(meta["target_modules"]) == 14
 
 
 def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
-    plain, atomic = tmp_path / "plain.txt", tmp_path / "atomic.txt"
+    plain, written = tmp_path / "plain.txt", tmp_path / "atomic.txt"
     plain.write_text("x")
-    checkpoint.write_text_atomic(atomic, "x")  # through mkstemp, whose files start private (0600)
-    assert atomic.stat().st_mode == plain.stat().st_mode and atomic.read_text() == "x"
+    atomic.write_text_atomic(written, "x")  # through mkstemp, whose files start private (0600)
+    assert written.stat().st_mode == plain.stat().st_mode and written.read_text() == "x"
     assert not list(tmp_path.glob(".*"))  # no temporary file left beside it
 
 

@@ -14,8 +14,8 @@ from contextlib import nullcontext
 import torch
 from accelerate import Accelerator
 
-from milora_cli import data
-from milora_cli.evaluate import eval_mode
+from milora_cli.data import tokens
+from milora_cli.evaluation.generate import eval_mode
 from milora_cli.recipe import Recipe
 
 # Architectures whose logits are exactly lm_head(last hidden state): the loss then projects only the
@@ -98,7 +98,7 @@ def optimizer_step(loss_module, micro: list[dict[str, torch.Tensor]], accelerato
 
 
 @torch.no_grad()
-def validation_loss(loss_module, val_set: data.TokenizedDataset, collate, micro: int, accelerator: Accelerator) -> float:
+def validation_loss(loss_module, val_set: tokens.TokenizedDataset, collate, micro: int, accelerator: Accelerator) -> float:
     """Mean token loss over the validation set, each process scoring its own share."""
     total = torch.zeros(2, device=accelerator.device)
     share = val_set.examples[accelerator.process_index :: accelerator.num_processes]

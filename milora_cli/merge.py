@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from milora_cli import checkpoint, models, shards
+from milora_cli import adapter_folder, atomic, models, shards
 from milora_cli.errors import ExportError, ModelError
 from milora_cli.runlog import versions
 
@@ -45,8 +45,8 @@ def merge(
 ) -> Path:
     """Write the adapter at `adapter_path` merged into its base (or as a PEFT LoRA of it) to `output`."""
     console = console or Console(quiet=True)
-    folder = adapter_folder(adapter_path)
-    trained, initial, meta = checkpoint.read_adapter(folder)
+    folder = locate_adapter(adapter_path)
+    trained, initial, meta = adapter_folder.read_adapter(folder)
     layers = list(meta["target_modules"])
     shapes = {layer: (trained[f"{layer}.lora_B.weight"].shape[0], trained[f"{layer}.lora_A.weight"].shape[1]) for layer in layers}
     limit = parse_size(max_shard_size)
@@ -75,7 +75,7 @@ def merge(
         # A base converted by milora (the embedded GGUF model) is noted, not copied: the merge is not that file.
         "derived_from": json.loads(source.read_text()) if source and source.is_file() else None, "versions": versions(),
     }
-    with checkpoint.atomic_folder(output) as tmp:
+    with atomic.atomic_folder(output) as tmp:
         if fmt == "peft":
             write_peft(tmp, trained, initial, meta, name, revision, tensors, dtype)
             what = f"PEFT LoRA adapter of {name}"
@@ -88,14 +88,14 @@ def merge(
     return output
 
 
-def adapter_folder(path: Path) -> Path:
+def locate_adapter(path: Path) -> Path:
     """RUN -> RUN/adapter; an adapter folder (RUN/best, a checkpoint) as it is."""
-    folder = checkpoint.find_adapter(path)
+    folder = adapter_folder.find_adapter(path)
     if folder is not None:
         return folder
     if not path.exists():
         raise ExportError(f"--adapter {path} does not exist")
-    raise ExportError(f"--adapter {path} is neither a run folder with adapter/ nor an adapter folder (no {checkpoint.META_FILE})")
+    raise ExportError(f"--adapter {path} is neither a run folder with adapter/ nor an adapter folder (no {adapter_folder.META_FILE})")
 
 
 def parse_size(text: str) -> int:

@@ -10,16 +10,12 @@ import math
 import textwrap
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from milora_cli.checkpoint import write_bytes_atomic, write_text_atomic
+from milora_cli.atomic import write_bytes_atomic, write_text_atomic
 from milora_cli.errors import InspectError
-from milora_cli.spectra import UpdateStats, by_module, spectrum_stats
-
-if TYPE_CHECKING:
-    from milora_cli.spectra_report import Inspection
+from milora_cli.spectra.analysis import Inspection, UpdateStats, by_module, spectrum_stats
 
 
 def require_matplotlib() -> None:

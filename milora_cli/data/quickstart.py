@@ -28,7 +28,6 @@ import random
 import re
 from collections.abc import Callable
 
-from milora_cli import data
 from milora_cli.errors import DataError
 
 # Single-token, everyday nouns: the skill is the reordering, not spelling rare words.
@@ -141,6 +140,3 @@ def accuracy(generations: list[str], examples: list[dict]) -> dict[str, float]:
     scores["all"] = sum(sum(h) for h in hits.values()) / max(1, len(examples))
     return scores
 
-
-data.BUILTIN_DATASETS["quickstart"] = generate
-data.BUILTIN_SCORERS["quickstart"] = is_correct

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from milora_cli import adapter, checkpoint, models
+from milora_cli import adapter, atomic, models
 from milora_cli.recipe import AdapterConfig
 
 FORMAT = "milora-factors/1"
@@ -77,7 +77,7 @@ def read_cached(path: Path, key: str, layer: adapter.MiloraLinear) -> Factors | 
 def write_cached(path: Path, key: str, factors: Factors) -> None:
     """Write atomically, so readers never see half a file."""
     lora_A, lora_B = (f.detach().float().cpu().contiguous() for f in factors)
-    checkpoint.save_file_atomic(path, {"lora_A": lora_A, "lora_B": lora_B}, metadata={"format": FORMAT, "key": key})
+    atomic.save_file_atomic(path, {"lora_A": lora_A, "lora_B": lora_B}, metadata={"format": FORMAT, "key": key})
 
 
 def _own_factors(layer: adapter.MiloraLinear, cfg: AdapterConfig, use_cache: bool) -> tuple[Factors, bool]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,31 +17,19 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from milora_cli import checkpoint, shards
+from milora_cli import adapter_folder, shards
 from milora_cli.errors import InspectError
 from milora_cli.models import quantisation_note
-from milora_cli.spectra import (
-    Run, Spectrum, UpdateStats, by_module, device, limit_cpu_threads, model_spectra, open_run,
+from milora_cli.spectra.analysis import (
+    Inspection, Spectrum, by_module, device, limit_cpu_threads, model_spectra, open_run,
     projection_weights, run_updates, select, spectrum_stats,
 )
-from milora_cli.spectra_files import require_matplotlib, write_csv, write_json, write_plot
+from milora_cli.spectra.files import require_matplotlib, write_csv, write_json, write_plot
 
 DEFAULT_RANK = 8  # the band width r for a model; a run's own r takes precedence
 SPARK_WIDTH = 24
 SPARK_MIN_CONSOLE = 120  # narrower terminals get the tables without their sparkline column
 _BLOCKS = "▁▂▃▄▅▆▇█"
-
-
-@dataclass(frozen=True)
-class Inspection:
-    model: str  # what the spectra are of: the model named, or the base of the (first) run
-    folder: Path
-    note: str | None  # the quantisation note of a model converted from a quantised file
-    rank: int
-    spectra: list[Spectrum]
-    cached: int  # how many spectra came from the cache
-    runs: list[Run]
-    updates: dict[str, dict[str, UpdateStats]]  # run label -> layer -> stats
 
 
 def inspect(
@@ -68,12 +55,12 @@ def inspect(
 
 def analyse(targets: list[str], modules: str | None, layers: str | None, rank: int | None, compare: bool) -> Inspection:
     """1. runs or a model  2. the chosen matrices  3. their spectra  4. the runs' updates against them."""
-    from milora_cli.export import locate_base
+    from milora_cli.merge import locate_base
 
     for target in targets:
         if not Path(target).expanduser().exists() and (target.startswith((".", "/", "~")) or target.count("/") > 1):
             raise InspectError(f"'{target}' does not exist (MODEL is a model folder, a run dir, a hub id or smollm2-135m)")
-    folders = [checkpoint.find_adapter(Path(target)) for target in targets]
+    folders = [adapter_folder.find_adapter(Path(target)) for target in targets]
     if (compare or len(targets) > 1) and None in folders:
         raise InspectError(
             f"'{targets[folders.index(None)]}' is not a training run (no adapter_meta.json in it or in its adapter/); "

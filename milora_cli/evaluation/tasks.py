@@ -4,7 +4,7 @@ Task data comes from a folder laid out like ../shared/data (`--data-dir`) or, wi
 hub with `datasets.load_dataset` (the same files: LLM-Adapters' test sets, GSM8K, the MATH test sets of
 math-evaluation-harness, WikiText-2).
 
-Prompts are the training prompts (data.prompt_for_generation on the record normalised as training
+Prompts are the training prompts (records.prompt_for_generation on the record normalised as training
 normalises it), byte for byte. GSM8K and MATH add MetaMath's cue "Let's think step by step." as the
 first words of the response: MetaMath writes "### Response: Let's think step by step." because its
 training prompt ends "### Response:"; ours ends "### Response:\\n", so the cue follows that newline and
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from milora_cli import answers, data
+from milora_cli.evaluation import answers
+from milora_cli.data import records
 from milora_cli.errors import EvalError
 from milora_cli.recipe import BenchmarkTask
 
@@ -85,13 +86,13 @@ def score(task: Task, generation: str, gold: str) -> tuple[str | None, bool]:
 
 
 def _choice_item(raw: dict, index: int, source: str) -> Item:
-    example = data.normalize_record(raw, "llm_adapters", source=source, index=index)
-    return Item(str(index), data.prompt_for_generation(example), str(raw["answer"]))
+    example = records.normalize_record(raw, "llm_adapters", source=source, index=index)
+    return Item(str(index), records.prompt_for_generation(example), str(raw["answer"]))
 
 
 def _gsm8k_item(raw: dict, index: int, source: str) -> Item:
-    example = data.normalize_record(raw, "gsm8k", source=source, index=index)  # training's normalisation
-    return Item(str(index), data.prompt_for_generation(example) + MATH_CUE, answers.gsm8k_gold(raw["answer"]))
+    example = records.normalize_record(raw, "gsm8k", source=source, index=index)  # training's normalisation
+    return Item(str(index), records.prompt_for_generation(example) + MATH_CUE, answers.gsm8k_gold(raw["answer"]))
 
 
 def _math_item(raw: dict, index: int, source: str) -> Item:
@@ -100,7 +101,7 @@ def _math_item(raw: dict, index: int, source: str) -> Item:
     gold = answers.last_boxed(raw["solution"])
     if gold is None:
         raise EvalError(f"{source}, record {index}: the solution has no \\boxed{{...}} answer")
-    return Item(str(index), data.format_prompt(raw["problem"]) + MATH_CUE, gold)
+    return Item(str(index), records.format_prompt(raw["problem"]) + MATH_CUE, gold)
 
 
 _ITEMS: dict[str, Callable[[dict, int, str], Item]] = {"choice": _choice_item, "gsm8k": _gsm8k_item, "math": _math_item}

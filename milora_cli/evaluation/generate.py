@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from milora_cli.data import Example, prompt_for_generation
+from milora_cli.data.records import Example, prompt_for_generation
 
 Scorer = Callable[[str, Example], bool]
 

@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from milora_cli import checkpoint, models, shards, svd
+from milora_cli import adapter_folder, atomic, models, shards, svd
 from milora_cli.errors import InspectError
 
 SPECTRA_DIR = "spectra"
@@ -196,7 +196,7 @@ def singular_values(weight: torch.Tensor, device: torch.device) -> tuple[torch.T
 def _store(path: Path, S: torch.Tensor) -> None:
     """Write a cache entry atomically; an unwritable cache only costs speed."""
     try:
-        checkpoint.save_file_atomic(path, {"S": S.contiguous()})
+        atomic.save_file_atomic(path, {"S": S.contiguous()})
     except (OSError, SafetensorError):
         pass
 
@@ -251,9 +251,9 @@ class Run:
 
 
 def open_run(path: Path, folder: Path) -> Run:
-    from milora_cli.export import locate_base  # the base the run trained on, as merge finds it
+    from milora_cli.merge import locate_base  # the base the run trained on, as merge finds it
 
-    trained, initial, meta = checkpoint.read_adapter(folder)
+    trained, initial, meta = adapter_folder.read_adapter(folder)
     _, _, base = locate_base(None, meta, download=True)
     return Run(str(path), folder, meta, trained, initial, base)
 
@@ -271,3 +271,15 @@ def run_updates(runs: list[Run], names: list[str], rank: int | None) -> dict[str
         for run in users:
             results[run.label][name] = update_stats(base, weight, run.delta(name).to(weight), rank or run.meta["r"])
     return results
+
+
+@dataclass(frozen=True)
+class Inspection:
+    model: str  # what the spectra are of: the model named, or the base of the (first) run
+    folder: Path
+    note: str | None  # the quantisation note of a model converted from a quantised file
+    rank: int
+    spectra: list[Spectrum]
+    cached: int  # how many spectra came from the cache
+    runs: list[Run]
+    updates: dict[str, dict[str, UpdateStats]]  # run label -> layer -> stats

@@ -29,7 +29,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from milora_cli import adapter, checkpoint, evaluate, export, models, tasks
+from milora_cli import adapter, adapter_folder, atomic, models
+from milora_cli import merge
+from milora_cli.evaluation import generate, tasks
 from milora_cli.errors import EvalError
 from milora_cli.recipe import EvalConfig
 from milora_cli.runlog import bar_columns
@@ -46,14 +48,14 @@ def run(model_or_run: str, cfg: EvalConfig, output: Path, dtype: str | None, con
 
 def load(name: str, dtype: str | None, device: str, console: Console) -> tuple[Any, Any, str]:
     """(model, tokenizer, identity): a run or adapter folder is its base with the adapter injected, unmerged."""
-    folder = checkpoint.find_adapter(Path(name).expanduser())
+    folder = adapter_folder.find_adapter(Path(name).expanduser())
     if folder is None:
         resolved = models.resolve(name)
         model = models.load_model(resolved, dtype or "fp32", device=device)
         identity = f"{Path(resolved).resolve() if Path(resolved).is_dir() else resolved} [{dtype or 'fp32'}]"
         return model, models.load_tokenizer(resolved), identity
-    trained, initial, meta = checkpoint.read_adapter(folder)
-    base, revision, _ = export.locate_base(None, meta, download=False)
+    trained, initial, meta = adapter_folder.read_adapter(folder)
+    base, revision, _ = merge.locate_base(None, meta, download=False)
     model = models.load_model(base, dtype or meta["base_dtype"], revision, device=device)
     adapters = adapter.inject(model, meta["target_modules"], meta["r"], meta["lora_alpha"], 0.0)
     seen = models.weights_fingerprint({layer: module.base_layer.weight for layer, module in adapters.items()})
@@ -83,7 +85,7 @@ def evaluate_model(
             score = _score_windows if task.kind == "perplexity" else _score_generations
             selected[name] = score(model, tokenizer, task, cfg, settings["window"], results, bar)
     summary = {"model": identity, "settings": settings, **summarise(results.records, selected)}
-    checkpoint.write_text_atomic(output / SUMMARY_FILE, json.dumps(summary, indent=2))
+    atomic.write_text_atomic(output / SUMMARY_FILE, json.dumps(summary, indent=2))
     console.print(table({"score": summary}))
     console.print(f"per-example results in [bold]{output / RESULTS_FILE}[/], summary in {output / SUMMARY_FILE}")
     return summary
@@ -101,7 +103,7 @@ def _score_generations(model, tokenizer, task: tasks.Task, cfg: EvalConfig, wind
     budget = tasks.max_new_tokens(task, cfg.choice_max_new_tokens, cfg.math_max_new_tokens)
     for start in range(0, len(todo), cfg.batch_size):
         batch = todo[start : start + cfg.batch_size]
-        generations = evaluate.generate(model, tokenizer, [item.prompt for item in batch], budget, cfg.batch_size,
+        generations = generate.generate(model, tokenizer, [item.prompt for item in batch], budget, cfg.batch_size,
                                         cfg.num_beams, tasks.stop_strings(task))
         records = []
         for item, generation in zip(batch, generations):
@@ -122,7 +124,7 @@ def _score_windows(model, tokenizer, task: tasks.Task, cfg: EvalConfig, window: 
     per_batch = max(1, 4096 // window)
     for start in range(0, len(todo), per_batch):
         batch = todo[start : start + per_batch]
-        losses = evaluate.window_losses(model, [windows[index] for index in batch])
+        losses = generate.window_losses(model, [windows[index] for index in batch])
         results.append([
             {"task": task.name, "id": str(index), "prompt": None, "generation": None, "prediction": nll / count,
              "gold": None, "correct": None, "nll": nll, "tokens": count}
@@ -147,7 +149,7 @@ class Results:
                         "choose another --output"
                     )
         else:
-            checkpoint.write_text_atomic(saved, json.dumps(settings, indent=2))
+            atomic.write_text_atomic(saved, json.dumps(settings, indent=2))
         self.path = folder / RESULTS_FILE
         self.records = self._read()
 
@@ -163,7 +165,7 @@ class Results:
             except json.JSONDecodeError:
                 whole = False
         if lines[-1] or not whole:  # rewrite without the damage, so appends start on a clean line
-            checkpoint.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))
+            atomic.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))
         return records
 
     def done(self, task: str) -> set[str]:
@@ -243,9 +245,9 @@ class TrainingBenchmarks:
         if self.enabled and self.cfg.every and step % self.cfg.every == 0 and step < max_steps:
             self._run(f"step-{step:06d}", step)
 
-    def after_training(self, step: int, summary: dict[str, Any]) -> None:
-        if self.enabled:
-            summary["benchmarks"] = self._run("final", step)["tasks"]
+    def after_training(self, step: int) -> dict[str, Any]:
+        """{"benchmarks": scores per task} of the final model; {} when the recipe names no tasks."""
+        return {"benchmarks": self._run("final", step)["tasks"]} if self.enabled else {}
 
     def _run(self, name: str, step: int) -> dict[str, Any]:
         identity = f"{self.run_dir.resolve()} at step {step}"

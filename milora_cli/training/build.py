@@ -1,0 +1,103 @@
+"""What a run trains: the model and tokenizer loaded, adapters injected and initialised, the data tokenised.
+
+`build` loads (nothing is written), `initialise` sets the initial factors, decomposed or from the factor
+cache (init_cache.py), and returns the adapter metadata every saved adapter folder carries.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+
+from milora_cli import adapter, models
+from milora_cli.data import records, tokens
+from milora_cli.errors import RecipeError
+from milora_cli.recipe import Recipe, dump_recipe
+from milora_cli.training import init_cache
+
+
+@dataclass
+class Setup:
+    """What the loop works on, built once from the recipe."""
+
+    model: Any
+    tokenizer: Any
+    adapters: dict[str, adapter.MiloraLinear]
+    train_set: tokens.TokenizedDataset
+    val_set: tokens.TokenizedDataset
+    val_examples: list[records.Example]
+    model_path: str
+
+
+def build(recipe: Recipe, device: torch.device | str) -> Setup:
+    """Load the model and tokenizer, inject adapters (not yet initialised), tokenise the data."""
+    path = models.resolve(recipe.model.name_or_path)
+    tokenizer = models.load_tokenizer(path, recipe.model.revision, recipe.model.trust_remote_code)
+    model = models.load_model(path, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code, device)
+    names = adapter.find_targets(model, recipe.adapter.target_modules)
+    adapters = adapter.inject(model, names, recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout)
+    train_examples, val_examples = records.load_records(recipe.data, recipe.train.seed)
+    args = (tokenizer, recipe.data.max_length, recipe.data.train_on_prompt)
+    train_set, val_set = tokens.build_dataset(train_examples, *args), tokens.build_dataset(val_examples, *args)
+    if not train_set.examples:
+        raise RecipeError("no training example has a response token left after truncation; raise data.max_length")
+    return Setup(model, tokenizer, adapters, train_set, val_set, val_examples, path)
+
+
+def describe(recipe: Recipe, console: Console) -> None:
+    """`--dry-run`: the resolved recipe, one tokenised example with its label mask, parameter counts."""
+    from rich.syntax import Syntax
+
+    console.print(Syntax(dump_recipe(recipe), "yaml", theme="ansi_dark"))
+    setup = build(recipe, "cpu")
+    trainable, total = adapter.count_parameters(setup.model)
+    console.print(data_line(recipe, setup))
+    console.print("first training example (dim: prompt, no loss; [bold green]green[/]: trained tokens):")
+    console.print(tokens.render_label_mask(setup.tokenizer, setup.train_set.examples[0]))
+    console.print(
+        f"adapters on {len(setup.adapters)} layers; trainable parameters {trainable:,} of {total:,} "
+        f"({100 * trainable / total:.3f}%)"
+    )
+    console.print("dry run: nothing trained, nothing written")
+
+
+def data_line(recipe: Recipe, setup: Setup) -> str:
+    train_set = setup.train_set
+    return (
+        f"data: {len(train_set.examples)} training examples ({train_set.n_truncated} truncated to "
+        f"{recipe.data.max_length} tokens, {train_set.n_dropped} dropped as all-prompt), "
+        f"{len(setup.val_set.examples)} validation"
+    )
+
+
+def initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console: Console) -> tuple[dict, dict]:
+    """Set the initial factors on the model's device; return the adapter metadata and a summary."""
+    note = models.quantisation_note(setup.model_path)
+    if note:
+        console.print(f"[yellow]note:[/] {recipe.model.name_or_path}: {note}")
+    start = time.perf_counter()
+    report = init_cache.initialise(setup.adapters, recipe.adapter, recipe.train.seed, recipe.adapter.cache_factors,
+                                   accelerator.process_index, accelerator.num_processes)
+    seconds = time.perf_counter() - start
+    trainable, total = adapter.count_parameters(setup.model)
+    console.print(
+        f"{recipe.adapter.init} init of {len(setup.adapters)} layers (r={recipe.adapter.r}) in {seconds:.1f} s on "
+        f"{accelerator.device}{report.describe(accelerator.num_processes)}; "
+        f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
+    )
+    base_weights = {name: layer.base_layer.weight for name, layer in setup.adapters.items()}
+    meta = {
+        "init": recipe.adapter.init, "r": recipe.adapter.r, "lora_alpha": recipe.adapter.alpha,
+        "scaling": recipe.adapter.alpha / recipe.adapter.r, "lora_dropout": recipe.adapter.dropout,
+        "target_modules": list(setup.adapters), "base_model": recipe.model.name_or_path,
+        "base_model_path": setup.model_path, "revision": recipe.model.revision, "base_dtype": recipe.model.dtype,
+        "base_fingerprint": models.weights_fingerprint(base_weights),
+    }
+    summary = {"run_dir": recipe.output.dir, "init_seconds": seconds, "init_decomposed": report.computed,
+               "init_from_cache": report.cached, "trainable": trainable, "total": total}
+    return meta, summary

@@ -1,0 +1,59 @@
+"""Training checkpoints: an adapter folder (adapter_folder.py) plus the optimizer and RNG state an exact
+resume needs, kept under RUN/checkpoints/step-NNNNNN. Safetensors and JSON only, never pickle.
+
+    optimizer.safetensors   optimizer tensors as state.{param index}.{name}, RNG states as rng.{name}
+    trainer_state.json      step, best validation loss, the optimizer's param_groups
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "trainer_state.json"
+
+
+def write_training_state(folder: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any], rng: dict[str, torch.Tensor]) -> None:
+    """Optimizer tensors and RNG states as safetensors, the rest as JSON (no pickle anywhere)."""
+    opt = optimizer.state_dict()
+    tensors = {f"state.{index}.{key}": value.detach().cpu().contiguous() for index, entry in opt["state"].items() for key, value in entry.items()}
+    tensors.update({f"rng.{key}": value for key, value in rng.items()})
+    save_file(tensors, folder / OPTIMIZER_FILE)
+    (folder / STATE_FILE).write_text(json.dumps({**state, "param_groups": opt["param_groups"]}, indent=2))
+
+
+def read_training_state(folder: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load the optimizer in place; return (trainer state, RNG states)."""
+    tensors = load_file(folder / OPTIMIZER_FILE)
+    state = json.loads((folder / STATE_FILE).read_text())
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    rng = {}
+    for key, value in tensors.items():
+        kind, _, rest = key.partition(".")
+        if kind == "rng":
+            rng[rest] = value
+        else:
+            index, _, name = rest.partition(".")
+            per_param.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
+    return state, rng
+
+
+def training_checkpoints(run_dir: Path) -> list[Path]:
+    """Periodic checkpoint folders of a run, oldest first (temporary folders are not listed)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(path for path in root.glob("step-*") if (path / STATE_FILE).is_file())
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` periodic checkpoints."""
+    for old in training_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,106 @@
+"""The run folder's lifecycle: claimed by one recipe, started, resumed, written to, finished.
+
+    RUN/recipe.yaml          the resolved recipe: it claims the folder (another recipe is refused)
+    RUN/versions.json        library versions of the run
+    RUN/checkpoints/step-N   periodic checkpoints (training/checkpoints.py), the newest keep_checkpoints kept
+    RUN/best, RUN/adapter    the adapter of the best validation loss, the final adapter (adapter_folder.py)
+    RUN/summary.json         what the run measured, written last
+
+Only the main process writes; every other process keeps the same calls and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from rich.console import Console
+
+from milora_cli import adapter, adapter_folder, atomic
+from milora_cli.errors import RecipeError
+from milora_cli.recipe import dump_recipe, validate
+from milora_cli.runlog import versions
+from milora_cli.training import checkpoints
+
+COMPLETE = "complete"
+
+
+class RunDir:
+    """One run's folder as seen by the process that trains it."""
+
+    def __init__(self, path: Path, recipe_yaml: str, main: bool):
+        self.path, self.recipe_yaml, self.main = path, recipe_yaml, main
+
+    def claim(self, console: Console) -> Path | str | None:
+        """Start, resume or refuse: returns None (start), the checkpoint to resume from, or COMPLETE.
+
+        Writes nothing: a recipe that then fails to load its model or data leaves no folder that would
+        refuse the next, corrected recipe.
+        """
+        saved = self.path / "recipe.yaml"
+        if not saved.is_file():
+            return None
+        if _resolved(saved.read_text()) != self.recipe_yaml:
+            raise RecipeError(
+                f"output.dir {self.path} holds a run of a different recipe; choose another output.dir (or resume with its own {saved})"
+            )
+        if (self.path / "adapter" / adapter_folder.META_FILE).is_file():
+            console.print(f"{self.path} already holds this run, complete; to train it again, add output.dir=NEW_DIR")
+            return COMPLETE
+        found = checkpoints.training_checkpoints(self.path)
+        return found[-1] if found else None
+
+    def start(self) -> None:
+        """A fresh run's folder: its resolved recipe (which claims the folder) and the library versions."""
+        if self.main:
+            atomic.write_text_atomic(self.path / "recipe.yaml", self.recipe_yaml)
+            atomic.write_text_atomic(self.path / "versions.json", json.dumps(versions(), indent=2))
+
+    def write(self, name: str, text: str) -> None:
+        """A file of the run (summary.json, heldout_after.jsonl, ...), written atomically by the main process."""
+        if self.main:
+            atomic.write_text_atomic(self.path / name, text)
+
+
+def _resolved(recipe_yaml: str) -> str | None:
+    """A saved recipe with today's defaults filled in, so a key added since does not orphan a run."""
+    try:
+        return dump_recipe(validate(yaml.safe_load(recipe_yaml) or {}))
+    except (RecipeError, yaml.YAMLError):
+        return None
+
+
+class Saver:
+    """Writes adapter folders (final, best, periodic with training state) on the main process only."""
+
+    def __init__(self, run: RunDir, adapters: dict[str, adapter.MiloraLinear], meta: dict, accelerator: Accelerator, keep: int):
+        self.run, self.adapters, self.meta, self.accelerator, self.keep = run, adapters, meta, accelerator, keep
+
+    def save(self, kind: str, step: int, val_loss: float | None = None, optimizer=None, best: float | None = None) -> None:
+        self.accelerator.wait_for_everyone()
+        if not self.run.main:
+            return
+        trained, initial = adapter.adapter_tensors(self.adapters)
+        root = self.run.path
+        final = {"best": root / "best", "final": root / "adapter"}.get(kind, root / "checkpoints" / f"step-{step:06d}")
+        with atomic.atomic_folder(final) as folder:
+            adapter_folder.write_adapter(folder, trained, initial, {**self.meta, "step": step, "val_loss": val_loss}, self.run.recipe_yaml)
+            if kind == "periodic":
+                rng = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+                checkpoints.write_training_state(folder, optimizer, {"step": step, "best_val_loss": best}, rng)
+        if kind == "periodic":
+            checkpoints.prune(root, self.keep)
+
+
+def resume(folder: Path, adapters: dict[str, adapter.MiloraLinear], optimizer: torch.optim.Optimizer) -> tuple[int, float]:
+    """Load a periodic checkpoint into the adapters, the optimizer and the RNG; return (step, best validation loss)."""
+    trained, initial, _ = adapter_folder.read_adapter(folder)
+    adapter.load_adapter_tensors(adapters, trained, initial)
+    state, rng = checkpoints.read_training_state(folder, optimizer)
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state["step"], state["best_val_loss"]

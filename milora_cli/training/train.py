@@ -1,0 +1,221 @@
+"""`milora train`: recipe -> model -> adapters -> data -> the Accelerate loop -> checkpoints.
+
+The step math (loss, batching, schedule) lives in loop.py; this module reads top to bottom: claim the
+run folder, build, initialise, score before, train with validation and checkpoints, score after.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from rich.console import Console
+
+from milora_cli.data import tokens
+from milora_cli.evaluation import suite
+from milora_cli.recipe import Recipe, dump_recipe
+from milora_cli.runlog import MetricsLog, Progress, versions
+from milora_cli.training.build import Setup, build, data_line, initialise
+from milora_cli.training.heldout import HeldoutScorer
+from milora_cli.training.run_dir import COMPLETE, RunDir, Saver, resume
+from milora_cli.training.step import BatchStream, CausalLMLoss, learning_rate, optimizer_step, validation_loss
+
+
+def total_steps(recipe: Recipe, n_examples: int, global_batch: int) -> int:
+    if recipe.train.max_steps is not None:
+        return recipe.train.max_steps
+    return max(1, math.ceil(recipe.train.epochs * n_examples / global_batch))
+
+
+@dataclass
+class Loop:
+    """What the training loop advances, built once by _prepare."""
+
+    recipe: Recipe
+    setup: Setup
+    accelerator: Accelerator
+    loss_module: Any
+    optimizer: Any
+    params: list[torch.nn.Parameter]
+    stream: BatchStream
+    max_steps: int
+    saver: Saver
+    benchmarks: suite.TrainingBenchmarks
+    log: MetricsLog | None
+    step: int = 0
+    best: float = math.inf
+
+
+def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
+    """Run the recipe's training; returns a summary (steps, losses, held-out scores, paths)."""
+    accelerator = _accelerator(recipe.train.mixed_precision)
+    main = accelerator.is_main_process
+    console = console if (console is not None and main) else Console(quiet=not main)
+    run = RunDir(Path(recipe.output.dir), dump_recipe(recipe), main)
+    # 1. the run folder: a fresh run, a resume, or nothing left to do
+    resume_from = run.claim(console)
+    if resume_from == COMPLETE:
+        return {"complete": True, "run_dir": str(run.path)}
+    set_seed(recipe.train.seed)
+    # 2. model, adapters, data, initial factors; a fresh run folder is written only once they load
+    setup = build(recipe, accelerator.device)
+    if resume_from is None:
+        run.start()
+    console.print(data_line(recipe, setup))
+    meta, summary = initialise(recipe, setup, accelerator, console)
+    scorer = HeldoutScorer(recipe, setup.model, setup.tokenizer, setup.val_examples, run, console)
+    # 3. optimizer, batches, steps; resume or score the untrained model
+    saver = Saver(run, setup.adapters, {**meta, "versions": versions()}, accelerator, recipe.train.keep_checkpoints)
+    loop = _prepare(recipe, setup, accelerator, saver, console)
+    if isinstance(resume_from, Path):
+        loop.step, loop.best = resume(resume_from, setup.adapters, loop.optimizer.optimizer)
+        console.print(f"resumed from {resume_from} at step {loop.step}")
+    else:
+        summary |= scorer.score("before")
+    loop.log = MetricsLog(run.path, loop.step if isinstance(resume_from, Path) else None, recipe.output.tensorboard) if main else None
+    # 4. the loop: steps, log lines, validation and the best adapter, periodic checkpoints
+    _run_loop(loop, console)
+    # 5. the final adapter, the held-out score after training, the summary
+    loop.saver.save("final", loop.step)
+    if loop.log:
+        loop.log.close()
+    summary |= {"steps": loop.step, "best_val_loss": loop.best if loop.best < math.inf else None}
+    summary |= scorer.score("after")
+    summary |= loop.benchmarks.after_training(loop.step)
+    run.write("summary.json", json.dumps(summary, indent=2))
+    console.print(f"adapter written to [bold]{run.path / 'adapter'}[/]")
+    return summary
+
+
+def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: Saver, console: Console) -> Loop:
+    """The optimizer over the adapter parameters, the batch stream, and the model prepared by Accelerate."""
+    cfg = recipe.train
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen).
+        setup.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        _compile_layers(setup.model)
+    params = [p for p in setup.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+    stream = BatchStream(len(setup.train_set.examples), cfg.seed, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
+                         accelerator.process_index, accelerator.num_processes)
+    max_steps = total_steps(recipe, len(setup.train_set.examples), stream.global_batch)
+    benchmarks = suite.TrainingBenchmarks(recipe.eval, setup.model, setup.tokenizer, saver.run.path, console, enabled=saver.run.main)
+    loss_module, optimizer = accelerator.prepare(CausalLMLoss(setup.model), optimizer)
+    return Loop(recipe, setup, accelerator, loss_module, optimizer, params, stream, max_steps, saver, benchmarks, log=None)
+
+
+def _run_loop(loop: Loop, console: Console) -> None:
+    """Optimizer steps up to max_steps; a signal stops after a whole step with a checkpoint to resume from."""
+    cfg, accelerator, setup = loop.recipe.train, loop.accelerator, loop.setup
+    collate = tokens.Collator(setup.tokenizer.pad_token_id)
+    window = Window()
+    loop.loss_module.train()
+    with Progress(console, loop.max_steps, start_step=loop.step, enabled=loop.saver.run.main) as progress, _interrupt_flag() as interrupted:
+        while loop.step < loop.max_steps:
+            micro = [collate([setup.train_set.examples[i] for i in part]) for part in loop.stream.step(loop.step)]
+            micro = [{key: value.to(accelerator.device) for key, value in batch.items()} for batch in micro]
+            lr = learning_rate(loop.step, loop.recipe, loop.max_steps)
+            for group in loop.optimizer.param_groups:
+                group["lr"] = lr
+            step_loss, n_tokens, grad_norm = optimizer_step(loop.loss_module, micro, accelerator, loop.params, cfg.max_grad_norm)
+            loop.optimizer.step()
+            loop.optimizer.zero_grad(set_to_none=True)
+            loop.step += 1
+            progress.advance(loop.step)
+            window.add(accelerator.reduce(step_loss, "sum").item(), n_tokens,
+                       sum(int(b["attention_mask"].sum()) for b in micro) * accelerator.num_processes)
+            if loop.step == 1 or loop.step % cfg.log_every == 0 or loop.step == loop.max_steps:
+                record = {"step": loop.step, **window.flush(), "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                          "epoch": loop.step * loop.stream.global_batch / loop.stream.n}
+                if loop.log:
+                    loop.log.write(record)
+                progress.update(loop.step, record)
+            _after_step(loop, collate, progress)
+            if interrupted(accelerator) and loop.step < loop.max_steps:
+                loop.saver.save("periodic", loop.step, optimizer=loop.optimizer.optimizer, best=loop.best)
+                console.print(f"[yellow]interrupted:[/] checkpoint at step {loop.step}; run the same command again to resume")
+                raise SystemExit(130)
+
+
+def _after_step(loop: Loop, collate: tokens.Collator, progress: Progress) -> None:
+    """Validation (saving the best adapter), benchmarks and periodic checkpoints that fall on this step."""
+    cfg, step = loop.recipe.train, loop.step
+    if loop.setup.val_set.examples and cfg.eval_every and (step % cfg.eval_every == 0 or step == loop.max_steps):
+        val_loss = validation_loss(loop.loss_module, loop.setup.val_set, collate, cfg.micro_batch_size, loop.accelerator)
+        if loop.log:
+            loop.log.write({"step": step, "val_loss": val_loss})
+        progress.note(f"step {step}: validation loss {val_loss:.4f}")
+        if val_loss < loop.best:
+            loop.best = val_loss
+            loop.saver.save("best", step, val_loss=val_loss)
+    loop.benchmarks.at_step(step, loop.max_steps)
+    if cfg.save_every and step % cfg.save_every == 0 and step < loop.max_steps:
+        loop.saver.save("periodic", step, optimizer=loop.optimizer.optimizer, best=loop.best)
+
+
+def _compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile every decoder layer in place (parameter names, checkpoints and hooks unchanged).
+
+    Per layer rather than the whole model: the layers share their code, so one compilation serves all of
+    them; dynamic shapes, because batches differ in length.
+    """
+    for layer in model.get_decoder().layers:
+        layer.compile(dynamic=True)
+
+
+def _accelerator(mixed_precision: str) -> Accelerator:
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # cpu=True is what makes accelerate use gloo for a torchrun-launched job on a machine without CUDA.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)  # the frozen A0/B0 are equal on every rank
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+
+
+class Window:
+    """Token-weighted loss and throughput since the last log line."""
+
+    def __init__(self):
+        self.loss, self.tokens, self.seen, self.start = 0.0, 0, 0, time.perf_counter()
+
+    def add(self, loss_sum: float, label_tokens: int, input_tokens: int) -> None:
+        self.loss, self.tokens, self.seen = self.loss + loss_sum, self.tokens + label_tokens, self.seen + input_tokens
+
+    def flush(self) -> dict[str, float]:
+        report = {"loss": self.loss / self.tokens, "tokens_per_s": self.seen / (time.perf_counter() - self.start)}
+        self.__init__()
+        return report
+
+
+@contextmanager
+def _interrupt_flag():
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step, so a checkpoint is whole."""
+    hit = {"signal": False}
+
+    def handler(signum, frame):
+        if hit["signal"]:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        hit["signal"] = True
+
+    def interrupted(accelerator: Accelerator) -> bool:
+        if accelerator.num_processes == 1:
+            return hit["signal"]
+        # Every process must stop at the same step, or the others would wait forever in a collective.
+        flag = torch.tensor(float(hit["signal"]), device=accelerator.device)
+        return accelerator.reduce(flag, "sum").item() > 0
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield interrupted
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
