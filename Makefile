@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (Python 3.10+):
 #   make quickstart   create .venv, install milora, fine-tune the embedded SmolLM2-135M offline
-#   make test         create .venv (if needed), install milora with its test extras, run the tests
+#   make test         create .venv (if needed), install milora with its test extras, lint (ruff), run the tests
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU wheel is a small local download here; on a GPU machine use your CUDA build, e.g. TORCH=torch
@@ -21,4 +21,5 @@ quickstart: $(BIN)/milora
 	$(BIN)/milora train recipes/quickstart.yaml
 
 test: $(BIN)/milora
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest

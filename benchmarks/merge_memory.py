@@ -69,7 +69,7 @@ def build_base(folder: Path, size_gb: float, shard_mb: int, dtype: str) -> int:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from milora_cli import models, shards
+    from milora_cli import dtypes, shards
 
     itemsize = ITEMSIZE[dtype]
     per_layer = sum(torch.Size(s).numel() for n, s in layer_shapes(1) if ".layers." in n) * itemsize
@@ -81,14 +81,14 @@ def build_base(folder: Path, size_gb: float, shard_mb: int, dtype: str) -> int:
     weight_map = {}
     for i, shard in enumerate(plan, 1):
         file = f"model-{i:05d}-of-{len(plan):05d}.safetensors"
-        tensors = {name: (torch.randn(shape, generator=generator) * 0.02).to(models.DTYPES[dtype]) for name, _, shape in shard}
+        tensors = {name: (torch.randn(shape, generator=generator) * 0.02).to(dtypes.TORCH[dtype]) for name, _, shape in shard}
         save_file(tensors, folder / file, metadata={"format": "pt"})
         weight_map |= {name: file for name in tensors}
     total = sum(shards.nbytes(entry) for entry in entries)
     (folder / shards.INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     LlamaConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
-        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, tie_word_embeddings=False, dtype=models.DTYPES[dtype],
+        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, tie_word_embeddings=False, dtype=dtypes.TORCH[dtype],
     ).save_pretrained(folder)
     return layers
 
@@ -97,7 +97,7 @@ def build_adapter(folder: Path, base: Path, layers: int, rank: int, dtype: str) 
     """An init-only milora adapter (trained == initial factors); returns its size in bytes."""
     import torch
 
-    from milora_cli import adapter_folder, models, shards
+    from milora_cli import adapter_folder, dtypes, models, shards
     from milora_cli.merge import LazyWeights
 
     index = shards.read_index(base)
@@ -111,7 +111,7 @@ def build_adapter(folder: Path, base: Path, layers: int, rank: int, dtype: str) 
     meta = {
         "init": "milora", "r": rank, "lora_alpha": float(rank), "scaling": 1.0, "lora_dropout": 0.0, "target_modules": names,
         "base_model": str(base), "base_model_path": str(base), "revision": None, "base_dtype": dtype,
-        "base_fingerprint": models.weights_fingerprint(LazyWeights(index, names, models.DTYPES[dtype])), "versions": {}, "step": 0,
+        "base_fingerprint": models.weights_fingerprint(LazyWeights(index, names, dtypes.TORCH[dtype])), "versions": {}, "step": 0,
     }
     folder.mkdir(parents=True)
     adapter_folder.write_adapter(folder, factors, factors, meta, "")
@@ -154,7 +154,8 @@ def main() -> None:
         export = measure([*milora, "--output", str(root / "peft"), "--format", "peft"], CHILD_ENV)
         shutil.rmtree(root / "merged")  # keep the disk use at two copies of the model
         rows["PEFT merge_and_unload"] = measure(
-            [sys.executable, "-c", PEFT_MERGE, str(root / "base"), str(root / "peft"), str(root / "peft-merged"), args.dtype, f"{args.shard_mb}MB"], CHILD_ENV
+            [sys.executable, "-c", PEFT_MERGE, str(root / "base"), str(root / "peft"), str(root / "peft-merged"), args.dtype, f"{args.shard_mb}MB"],
+            CHILD_ENV,
         )
         budget = (largest + adapter_bytes) / 1e9
         print(f"\n(`milora merge --format peft` export first: {export[0]:.1f} s, peak RSS {export[1]:.2f} GB)")

@@ -106,9 +106,10 @@ def main() -> None:
         variants = {"milora train": []} | ({"milora train, compiled": ["train.compile=true"]} if args.compile else {})
         for name, overrides in variants.items():
             run_dir = tmp / name.replace(" ", "_").replace(",", "")
-            wall, rss = measure([sys.executable, "-m", "milora_cli", "train", str(recipe_path), f"output.dir={run_dir}", *overrides], env, REPO, False)
-            lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
-            seconds = sum(tokens[l["step"]] / l["tokens_per_s"] for l in lines if l["step"] > WARMUP)
+            command = [sys.executable, "-m", "milora_cli", "train", str(recipe_path), f"output.dir={run_dir}", *overrides]
+            wall, rss = measure(command, env, REPO, False)
+            lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+            seconds = sum(tokens[rec["step"]] / rec["tokens_per_s"] for rec in lines if rec["step"] > WARMUP)
             rows[name] = (total / seconds, rss, wall)
     print(f"model {args.model}, fp32 on CPU, torch threads from OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; "
           f"r={args.rank} on q,k,v,up,down; micro-batch {args.micro_batch}; steps {WARMUP + 1}-{args.steps}: "

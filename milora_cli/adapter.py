@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Literal
 
 import torch
 from torch import nn
 
 from milora_cli import svd
 from milora_cli.errors import ModelError
+from milora_cli.recipe import Init, SvdDriver, SvdDtype
 
-Init = Literal["milora", "pissa", "lora"]
 ALL_LINEAR = "all-linear"
 _SVD_COMPONENTS: dict[str, svd.Components] = {"milora": "minor", "pissa": "principal"}
 
@@ -138,8 +137,8 @@ def inject(model: nn.Module, names: Iterable[str], r: int, lora_alpha: float, lo
 def initial_factors(
     layer: MiloraLinear,
     init: Init,
-    svd_dtype: svd.SvdDtype,
-    svd_driver: svd.SvdDriver,
+    svd_dtype: SvdDtype,
+    svd_driver: SvdDriver,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A0, B0) of one layer: SVD components for milora/pissa, Kaiming-uniform A and zero B for lora."""
@@ -156,13 +155,13 @@ def initial_factors(
 def initialise(
     adapters: dict[str, MiloraLinear],
     init: Init,
-    svd_dtype: svd.SvdDtype,
-    svd_driver: svd.SvdDriver,
+    svd_dtype: SvdDtype,
+    svd_driver: SvdDriver,
     seed: int,
 ) -> None:
     """Set every adapter's factors and frozen initial factors for `init`, in a fixed layer order."""
     generator = torch.Generator().manual_seed(seed)
-    for name, layer in adapters.items():
+    for _name, layer in adapters.items():
         lora_A, lora_B = initial_factors(layer, init, svd_dtype, svd_driver, generator)
         layer.set_factors(lora_A, lora_B)
 

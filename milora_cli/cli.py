@@ -6,12 +6,15 @@ import enum
 import functools
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_args
 
 import typer
 from rich.console import Console
 
 from milora_cli.errors import MiloraError
+from milora_cli.recipe import DEFAULT_SHARD_SIZE
+from milora_cli.recipe import Dtype as DtypeName
+from milora_cli.recipe import MergeFormat as MergeFormatName
 
 app = typer.Typer(
     help="Fine-tune LLMs with MiLoRA: LoRA adapters initialised from the minor singular components.",
@@ -25,6 +28,7 @@ console = Console()
 @app.callback()
 def _root() -> None:
     """Fine-tune LLMs with MiLoRA: LoRA adapters initialised from the minor singular components."""
+
 
 errors = Console(stderr=True)
 
@@ -70,23 +74,19 @@ def train(
     run_training(resolved, console)
 
 
-class MergeFormat(str, enum.Enum):
-    merged = "merged"
-    peft = "peft"
+def _choices(name: str, literal: Any) -> type[enum.Enum]:
+    """A typer choice type from one of recipe.py's Literals, so the CLI and the recipe offer the same values."""
+    return enum.Enum(name, {value: value for value in get_args(literal)}, type=str)
 
 
-class Dtype(str, enum.Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+MergeFormat = _choices("MergeFormat", MergeFormatName)
+Dtype = _choices("Dtype", DtypeName)
 
 
 @app.command()
 @user_errors
 def merge(
-    adapter: Annotated[
-        Path, typer.Option(help="A run dir (its adapter/) or an adapter folder (RUN/best, a checkpoint).", show_default=False)
-    ],
+    adapter: Annotated[Path, typer.Option(help="A run dir (its adapter/) or an adapter folder (RUN/best, a checkpoint).", show_default=False)],
     output: Annotated[Path, typer.Option(help="The folder to write; it must not exist (see --force).", show_default=False)],
     base: Annotated[
         str | None,
@@ -99,13 +99,15 @@ def merge(
         Dtype | None,
         typer.Option(help="dtype of the written weights. Default: the base's (merged), fp32 (peft).", show_default=False),
     ] = None,
-    max_shard_size: Annotated[str, typer.Option(help="Largest weight file of a merged folder, e.g. 5GB, 500MB.")] = "5GB",
+    max_shard_size: Annotated[str, typer.Option(help="Largest weight file of a merged folder, e.g. 5GB, 500MB.")] = DEFAULT_SHARD_SIZE,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --output folder, once the new one is complete.")] = False,
 ) -> None:
     """Merge a trained adapter into the ORIGINAL base model, or export it as a plain PEFT LoRA of that base."""
     from milora_cli.merge import merge as run_merge
 
-    run_merge(adapter, output, base, fmt.value, dtype.value if dtype else None, max_shard_size, force, console)
+    run_merge(
+        adapter, output, base=base, fmt=fmt.value, dtype=dtype.value if dtype else None, max_shard_size=max_shard_size, force=force, console=console
+    )
 
 
 @app.command("svd-inspect")
@@ -115,30 +117,56 @@ def svd_inspect(
         list[str],
         typer.Argument(help="Model folder, hub id or smollm2-135m; or training run dir(s) (RUN, RUN/best, a checkpoint).", show_default=False),
     ],
-    modules: Annotated[str | None, typer.Option(help="Module types, e.g. q_proj,v_proj. Default: all linear projections.", show_default=False)] = None,
+    modules: Annotated[
+        str | None, typer.Option(help="Module types, e.g. q_proj,v_proj. Default: all linear projections.", show_default=False)
+    ] = None,
     layers: Annotated[str | None, typer.Option(help="Layer indices, e.g. 0-3 or 0,5,10-12. Default: all.", show_default=False)] = None,
-    rank: Annotated[int | None, typer.Option(min=1, help="r of the minor / principal bands. Default: the run's r, else 8.", show_default=False)] = None,
-    compare: Annotated[bool, typer.Option("--compare", help="The arguments are runs: show their updates side by side (implied by several runs).")] = False,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write per matrix its name, shape, statistics and all singular values.", show_default=False)] = None,
+    rank: Annotated[
+        int | None, typer.Option(min=1, help="r of the minor / principal bands. Default: the run's r, else 8.", show_default=False)
+    ] = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="The arguments are runs: show their updates side by side (implied by several runs).")
+    ] = False,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write per matrix its name, shape, statistics and all singular values.", show_default=False)
+    ] = None,
     csv_path: Annotated[Path | None, typer.Option("--csv", help="Write one row of statistics per matrix.", show_default=False)] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write a PNG of the normalised spectra per module type (needs matplotlib).", show_default=False)] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a PNG of the normalised spectra per module type (needs matplotlib).", show_default=False)
+    ] = None,
 ) -> None:
     """Singular-value spectra of a model's linear weights; for runs, where the learned update lies in them."""
     from milora_cli.spectra.inspect import inspect
 
-    inspect(model, modules, layers, rank, compare, json_path, csv_path, plot, console)
+    inspect(
+        model, modules=modules, layers=layers, rank=rank, compare=compare, json_path=json_path, csv_path=csv_path, plot_path=plot, console=console
+    )
 
 
 @app.command("eval")
 @user_errors
 def eval_(
-    model_or_run: Annotated[str, typer.Argument(help="Model folder, hub id or smollm2-135m; a merged folder; or a run dir / adapter folder (base + adapter, unmerged).", show_default=False)],
-    tasks: Annotated[str, typer.Option(help="Comma-separated: boolq,piqa,social_i_qa,hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa,gsm8k,math,math500,wikitext.", show_default=False)],
+    model_or_run: Annotated[
+        str,
+        typer.Argument(
+            help="Model folder, hub id or smollm2-135m; a merged folder; or a run dir / adapter folder (base + adapter, unmerged).",
+            show_default=False,
+        ),
+    ],
+    tasks: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: boolq,piqa,social_i_qa,hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa,gsm8k,math,math500,wikitext.",
+            show_default=False,
+        ),
+    ],
     data_dir: Annotated[str | None, typer.Option(help="Task data laid out like ../shared/data. Default: the hub.", show_default=False)] = None,
     limit: Annotated[int | None, typer.Option(help="First N examples per task (WikiText: N windows). Default: all.", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch. Default: 16.", show_default=False)] = None,
     num_beams: Annotated[int | None, typer.Option(help="Beam search width; 1 (the default) is greedy.", show_default=False)] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens generated per example. Default: 32 commonsense, 512 GSM8K/MATH.", show_default=False)] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Tokens generated per example. Default: 32 commonsense, 512 GSM8K/MATH.", show_default=False)
+    ] = None,
     dtype: Annotated[Dtype | None, typer.Option(help="dtype of the model. Default: a run's base dtype, else fp32.", show_default=False)] = None,
     output: Annotated[Path, typer.Option(help="Results folder; an existing one of the same settings resumes.")] = Path("out/eval"),
 ) -> None:
@@ -147,8 +175,17 @@ def eval_(
     from milora_cli.evaluation.suite import run as run_eval
 
     names = [name.strip() for name in tasks.split(",") if name.strip()]
-    cfg = eval_settings({"tasks": names, "data_dir": data_dir, "limit": limit, "batch_size": batch_size, "num_beams": num_beams,
-                         "choice_max_new_tokens": max_new_tokens, "math_max_new_tokens": max_new_tokens})
+    cfg = eval_settings(
+        {
+            "tasks": names,
+            "data_dir": data_dir,
+            "limit": limit,
+            "batch_size": batch_size,
+            "num_beams": num_beams,
+            "choice_max_new_tokens": max_new_tokens,
+            "math_max_new_tokens": max_new_tokens,
+        }
+    )
     run_eval(model_or_run, cfg, output, dtype.value if dtype else None, console)
 
 

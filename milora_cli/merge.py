@@ -20,28 +20,27 @@ import re
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from milora_cli import adapter_folder, atomic, models, shards
+from milora_cli import adapter_folder, atomic, dtypes, models, shards
 from milora_cli.errors import ExportError, ModelError
+from milora_cli.recipe import DEFAULT_SHARD_SIZE, Dtype, MergeFormat
 from milora_cli.runlog import versions
 
-Format = Literal["merged", "peft"]
 PROVENANCE_FILE = "milora_export.json"
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-_OUT_DTYPES = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}  # --dtype -> safetensors' name
 # Weights (rewritten here), indexes of weights, READMEs and hidden files are not copied from the base.
 _NOT_COPIED = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf|h5|msgpack|onnx)$|.*\.index\.json$|^README\.md$|^\.")
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
 def merge(
-    adapter_path: Path, output: Path, base: str | None = None, fmt: Format = "merged", dtype: str | None = None,
-    max_shard_size: str = "5GB", force: bool = False, console: Console | None = None,
+    adapter_path: Path, output: Path, *, base: str | None = None, fmt: MergeFormat = "merged", dtype: Dtype | None = None,
+    max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False, console: Console | None = None,
 ) -> Path:
     """Write the adapter at `adapter_path` merged into its base (or as a PEFT LoRA of it) to `output`."""
     console = console or Console(quiet=True)
@@ -61,7 +60,7 @@ def merge(
     else:
         tensors = shards.read_index(base_folder)
         check_base(tensors, _trained_on(meta, base_folder), shapes, name)
-        seen = models.weights_fingerprint(LazyWeights(tensors, layers, models.DTYPES[meta["base_dtype"]]))
+        seen = models.weights_fingerprint(LazyWeights(tensors, layers, dtypes.TORCH[meta["base_dtype"]]))
         if seen != meta["base_fingerprint"]:
             console.print(
                 f"[yellow]warning:[/] the weights of {name} differ from those the adapter was trained on (fingerprint "
@@ -184,12 +183,12 @@ def write_merged(
     layers, scaling = set(meta["target_modules"]), meta["scaling"]
     if dtype is None:  # the base's dtype (float64 bases are written as float32)
         base_dtype = tensors[f"{meta['target_modules'][0]}.weight"].dtype
-        dtype = next((key for key, value in _OUT_DTYPES.items() if value == base_dtype), "fp32")
-    out = _OUT_DTYPES[dtype]
-    entries = [(name, out if info.dtype in shards.FLOATING else info.dtype, info.shape) for name, info in tensors.items()]
+        dtype = dtypes.user_name(base_dtype) or "fp32"
+    out = dtypes.safetensors_name(dtypes.TORCH[dtype])
+    entries = [(name, out if info.dtype in dtypes.FLOATING else info.dtype, info.shape) for name, info in tensors.items()]
 
     def merged() -> Iterator[torch.Tensor]:
-        for name, weight in zip(tensors, shards.read_tensors(tensors, tensors)):
+        for name, weight in zip(tensors, shards.read_tensors(tensors, tensors), strict=False):
             layer = name.removesuffix(".weight")
             if layer in layers and name != layer:
                 A = torch.cat([trained[f"{layer}.lora_A.weight"], initial[f"{layer}.lora_A.weight"]])  # (2r, in)
@@ -197,7 +196,7 @@ def write_merged(
                 # B A = B_trained A_trained - B0 A0 in one float32 GEMM, added in place to a copy of W (the
                 # read tensor is a view of the file): no (out, in) temporaries besides W' itself.
                 weight = weight.to(torch.float32, copy=True).addmm_(B, A, alpha=scaling)
-            yield weight.to(shards.DTYPES[out]) if weight.is_floating_point() else weight
+            yield weight.to(dtypes.SAFETENSORS[out]) if weight.is_floating_point() else weight
 
     n_shards = shards.write_sharded(folder, entries, merged(), max_shard_size)
     _copy_model_files(base_folder, folder, dtype)
@@ -210,7 +209,7 @@ def _copy_model_files(base_folder: Path, folder: Path, dtype: str) -> None:
         if path.is_file() and not _NOT_COPIED.match(path.name) and path.name != models.SOURCE_FILE:
             shutil.copyfile(path, folder / path.name)
     config = json.loads((folder / "config.json").read_text())
-    name = str(models.DTYPES[dtype]).removeprefix("torch.")
+    name = str(dtypes.TORCH[dtype]).removeprefix("torch.")
     config["dtype"] = name
     if "torch_dtype" in config:  # the key of transformers < 4.56
         config["torch_dtype"] = name
@@ -232,7 +231,7 @@ def write_peft(
             A = torch.cat([A, initial[f"{layer}.lora_A.weight"]], dim=0)  # (2r, in)
             B = torch.cat([B, -initial[f"{layer}.lora_B.weight"]], dim=1)  # (out, 2r)
         for part, value in (("A", A), ("B", B)):
-            weights[f"base_model.model.{layer}.lora_{part}.weight"] = value.to(models.DTYPES[dtype or "fp32"]).contiguous()
+            weights[f"base_model.model.{layer}.lora_{part}.weight"] = value.to(dtypes.TORCH[dtype or "fp32"]).contiguous()
     alpha = meta["lora_alpha"] * factor
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "revision": revision,

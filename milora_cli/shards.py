@@ -21,16 +21,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from milora_cli import dtypes
 from milora_cli.errors import ModelError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# safetensors' dtype names (the ones milora reads and writes)
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-FLOATING = {"F64", "F32", "BF16", "F16"}
 
 
 @dataclass(frozen=True)
@@ -55,9 +50,9 @@ def read_index(folder: Path) -> dict[str, TensorInfo]:
     tensors = {}
     for file in files:
         with safe_open(folder / file, "pt") as handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
                 part = handle.get_slice(name)
-                if part.get_dtype() not in DTYPES:
+                if part.get_dtype() not in dtypes.SAFETENSORS:
                     raise ModelError(f"tensor '{name}' of {folder} has dtype {part.get_dtype()}, which milora does not handle")
                 tensors[name] = TensorInfo(folder / file, part.get_dtype(), tuple(part.get_shape()))
     return tensors
@@ -75,7 +70,7 @@ def read_tensors(tensors: dict[str, TensorInfo], names: Iterable[str]) -> Iterat
 
 
 def nbytes(entry: Entry) -> int:
-    return math.prod(entry[2]) * DTYPES[entry[1]].itemsize
+    return math.prod(entry[2]) * dtypes.SAFETENSORS[entry[1]].itemsize
 
 
 def plan_shards(entries: list[Entry], max_shard_size: int) -> list[list[Entry]]:
@@ -99,10 +94,10 @@ def write_sharded(folder: Path, entries: list[Entry], tensors: Iterator[torch.Te
     shards = plan_shards(entries, max_shard_size)
     n = len(shards)
     files = [SINGLE_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    for file, shard in zip(files, shards):
+    for file, shard in zip(files, shards, strict=False):
         write_safetensors(folder / file, shard, itertools.islice(tensors, len(shard)))
     if n > 1:
-        weight_map = {name: file for file, shard in zip(files, shards) for name, _, _ in shard}
+        weight_map = {name: file for file, shard in zip(files, shards, strict=False) for name, _, _ in shard}
         index = {"metadata": {"total_size": sum(nbytes(entry) for entry in entries)}, "weight_map": weight_map}
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
     return n
@@ -121,7 +116,7 @@ def write_safetensors(path: Path, entries: list[Entry], tensors: Iterable[torch.
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(raw)) + raw)  # little-endian u64 header length, then the header
         for (name, dtype, shape), tensor in zip(entries, tensors, strict=True):
-            assert tensor.dtype == DTYPES[dtype] and tuple(tensor.shape) == shape, name
+            assert tensor.dtype == dtypes.SAFETENSORS[dtype] and tuple(tensor.shape) == shape, name
             handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
         handle.flush()
         os.fsync(handle.fileno())

@@ -26,14 +26,13 @@ from typing import Literal
 
 import torch
 
+from milora_cli.dtypes import TORCH as _DTYPES
+from milora_cli.recipe import SvdDriver, SvdDtype
+
 Components = Literal["minor", "principal"]
-SvdDtype = Literal["float32", "float64"]
-SvdDriver = Literal["gram", "svd"]
 
 # Below this S_i / S_max the Gram route's relative error on S_i exceeds ~1e-4 (eps64 / 1e-12).
 GRAM_MIN_RELATIVE = 1e-6
-
-_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
@@ -115,8 +114,8 @@ def init_factors(
     r: int,
     scaling: float,
     components: Components,
-    dtype: SvdDtype = "float64",
-    driver: SvdDriver = "svd",
+    dtype: SvdDtype,
+    driver: SvdDriver,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decompose `weight` and return the (A0, B0) factors of its minor or principal components."""
     chosen = components_of(weight, r, components, dtype, driver)

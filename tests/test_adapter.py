@@ -72,7 +72,7 @@ def test_only_adapter_factors_receive_gradients():
         assert (param.grad is not None) == is_factor, name
     assert all(not buffer.requires_grad for name, buffer in model.named_buffers() if "lora_" in name)
     trainable, total = adapter.count_parameters(model)
-    assert trainable == sum(4 * (l.lora_A.in_features + l.lora_B.out_features) for l in layers.values())
+    assert trainable == sum(4 * (layer.lora_A.in_features + layer.lora_B.out_features) for layer in layers.values())
 
 
 def test_input_dropout_zeroes_p_and_scales_the_rest_like_torch():

@@ -20,7 +20,7 @@ def test_config_parses_with_accelerates_own_loader(path):
     from accelerate.utils import DistributedType
 
     raw = yaml.safe_load(path.read_text())
-    assert isinstance(raw, dict) and REQUIRED <= raw.keys(), f"missing {sorted(REQUIRED - raw.keys())}"
+    assert isinstance(raw, dict) and raw.keys() >= REQUIRED, f"missing {sorted(REQUIRED - raw.keys())}"
     config = load_config_from_file(str(path))  # raises on an unknown top-level key
     assert config.distributed_type in set(DistributedType) and config.num_processes >= 2
     # Nested sections become `accelerate launch` arguments (fsdp_config.x -> --fsdp_x): each must be one.

@@ -104,7 +104,7 @@ def test_build_dataset_counts(smol_tokenizer):
     dropped = [n >= max_length for n in prompt_lens]
     ds = build_dataset(EXAMPLES, smol_tokenizer, max_length, False)
     assert ds.n_dropped == sum(dropped) and len(ds) == len(EXAMPLES) - sum(dropped) >= 1
-    kept_full = [t for t, gone in zip(full, dropped) if not gone]
+    kept_full = [t for t, gone in zip(full, dropped, strict=False) if not gone]
     assert ds.n_truncated == sum(len(t.input_ids) > max_length for t in kept_full) >= 1
     assert ds.n_tokens == sum(min(len(t.input_ids), max_length) for t in kept_full)
     assert ds.n_label_tokens == sum(sum(x != tokens.IGNORE_INDEX for x in t.labels) for t in ds.examples) > 0

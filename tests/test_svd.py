@@ -22,7 +22,7 @@ def known_spectrum(out_features: int, in_features: int, seed: int = 0) -> tuple[
 def test_factors_match_float64_reference(shape, components):
     weight, _ = known_spectrum(*shape)
     r, scaling = 5, 2.0
-    lora_A, lora_B = svd.init_factors(weight, r, scaling, components)
+    lora_A, lora_B = svd.init_factors(weight, r, scaling, components, "float64", "svd")
     U, S, Vh = np.linalg.svd(weight.double().numpy(), full_matrices=False)
     part = slice(len(S) - r, len(S)) if components == "minor" else slice(0, r)
     reference = (U[:, part] * S[part]) @ Vh[part]
@@ -40,8 +40,8 @@ def test_minor_and_principal_are_the_smallest_and_largest():
     weight, S = known_spectrum(30, 20)
     dec = svd.decompose(weight)
     assert torch.all(dec.S[:-1] >= dec.S[1:])
-    minor_A, _ = svd.init_factors(weight, 3, 1.0, "minor")
-    principal_A, _ = svd.init_factors(weight, 3, 1.0, "principal")
+    minor_A, _ = svd.init_factors(weight, 3, 1.0, "minor", "float64", "svd")
+    principal_A, _ = svd.init_factors(weight, 3, 1.0, "principal", "float64", "svd")
     assert torch.allclose(minor_A.norm(dim=1) ** 2, dec.S[-3:], rtol=1e-9)
     assert torch.allclose(principal_A.norm(dim=1) ** 2, dec.S[:3], rtol=1e-9)
     assert dec.S[-1] < 0.05 < dec.S[0]
@@ -49,7 +49,7 @@ def test_minor_and_principal_are_the_smallest_and_largest():
 
 def test_residual_plus_adapter_is_the_weight():
     weight, _ = known_spectrum(24, 16)
-    lora_A, lora_B = svd.init_factors(weight, 4, 0.5, "minor")
+    lora_A, lora_B = svd.init_factors(weight, 4, 0.5, "minor", "float64", "svd")
     rebuilt = svd.residual(weight, lora_A, lora_B, 0.5) + 0.5 * lora_B @ lora_A
     assert torch.allclose(rebuilt, weight.double(), atol=1e-12)
 
@@ -65,7 +65,7 @@ def test_float32_decomposition_is_close_to_float64():
 def test_rank_out_of_range(r):
     weight, _ = known_spectrum(20, 16)
     with pytest.raises(ValueError, match="rank"):
-        svd.init_factors(weight, r, 1.0, "minor")
+        svd.init_factors(weight, r, 1.0, "minor", "float64", "svd")
 
 
 def reference_components(weight: torch.Tensor, r: int, components: str) -> tuple[np.ndarray, np.ndarray]:

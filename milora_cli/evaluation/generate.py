@@ -11,6 +11,7 @@ import torch
 from milora_cli.data.records import Example, prompt_for_generation
 
 Scorer = Callable[[str, Example], bool]
+TOKENS_PER_BATCH = 4096  # tokens of one loss-scoring batch (WikiText windows)
 
 
 @contextmanager
@@ -59,7 +60,7 @@ def generate(
 
 
 @torch.no_grad()
-def window_losses(model, windows: Sequence[Sequence[int]], tokens_per_batch: int = 4096) -> list[tuple[float, int]]:
+def window_losses(model, windows: Sequence[Sequence[int]], tokens_per_batch: int = TOKENS_PER_BATCH) -> list[tuple[float, int]]:
     """(summed next-token loss in nats, predicted tokens) of each token window, scored independently.
 
     Every token of a window but the first is predicted from the ones before it in the same window.
@@ -81,7 +82,7 @@ def window_losses(model, windows: Sequence[Sequence[int]], tokens_per_batch: int
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
             nll = nll * mask[:, 1:]
-            results += [(float(row_nll.sum()), int(row_mask.sum())) for row_nll, row_mask in zip(nll, mask[:, 1:])]
+            results += [(float(row_nll.sum()), int(row_mask.sum())) for row_nll, row_mask in zip(nll, mask[:, 1:], strict=False)]
     return results
 
 
@@ -100,7 +101,7 @@ def heldout_accuracy(
     generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     records = [
         {"instruction": ex.instruction, "gold": ex.answer, "generation": text, "correct": scorer(text, ex)}
-        for ex, text in zip(examples, generations)
+        for ex, text in zip(examples, generations, strict=False)
     ]
     accuracy = sum(record["correct"] for record in records) / max(1, len(records))
     return accuracy, records

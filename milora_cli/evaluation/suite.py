@@ -106,7 +106,7 @@ def _score_generations(model, tokenizer, task: tasks.Task, cfg: EvalConfig, wind
         generations = generate.generate(model, tokenizer, [item.prompt for item in batch], budget, cfg.batch_size,
                                         cfg.num_beams, tasks.stop_strings(task))
         records = []
-        for item, generation in zip(batch, generations):
+        for item, generation in zip(batch, generations, strict=False):
             prediction, correct = tasks.score(task, generation, item.gold)
             records.append({"task": task.name, "id": item.id, "prompt": item.prompt, "generation": generation,
                             "prediction": prediction, "gold": item.gold, "correct": correct})
@@ -121,14 +121,14 @@ def _score_windows(model, tokenizer, task: tasks.Task, cfg: EvalConfig, window: 
     done = results.done(task.name)
     todo = [index for index in range(len(windows)) if str(index) not in done]
     progress = bar.add_task(task.name, total=len(windows), completed=len(windows) - len(todo))
-    per_batch = max(1, 4096 // window)
+    per_batch = max(1, generate.TOKENS_PER_BATCH // window)
     for start in range(0, len(todo), per_batch):
         batch = todo[start : start + per_batch]
         losses = generate.window_losses(model, [windows[index] for index in batch])
         results.append([
             {"task": task.name, "id": str(index), "prompt": None, "generation": None, "prediction": nll / count,
              "gold": None, "correct": None, "nll": nll, "tokens": count}
-            for index, (nll, count) in zip(batch, losses)
+            for index, (nll, count) in zip(batch, losses, strict=False)
         ])
         bar.advance(progress, len(batch))
     return {str(index) for index in range(len(windows))}

@@ -34,8 +34,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from milora_cli import adapter_folder, atomic, models, shards, svd
+from milora_cli import adapter_folder, atomic, dtypes, models, shards, svd
 from milora_cli.errors import InspectError
+import contextlib
 
 SPECTRA_DIR = "spectra"
 FORMAT = "milora-spectrum/1"  # float64 singular values by svd.singular_values; a new way of computing them bumps it
@@ -127,7 +128,7 @@ def projection_weights(folder: Path) -> dict[str, shards.TensorInfo]:
     weights = {
         name.removesuffix(".weight"): info
         for name, info in shards.read_index(folder).items()
-        if name.endswith(".weight") and len(info.shape) == 2 and info.dtype in shards.FLOATING
+        if name.endswith(".weight") and len(info.shape) == 2 and info.dtype in dtypes.FLOATING
         and not _NOT_PROJECTION.search(name.removesuffix(".weight"))
     }
     return dict(sorted(weights.items(), key=lambda item: _block_order(item[0])))
@@ -195,10 +196,8 @@ def singular_values(weight: torch.Tensor, device: torch.device) -> tuple[torch.T
 
 def _store(path: Path, S: torch.Tensor) -> None:
     """Write a cache entry atomically; an unwritable cache only costs speed."""
-    try:
+    with contextlib.suppress(OSError, SafetensorError):
         atomic.save_file_atomic(path, {"S": S.contiguous()})
-    except (OSError, SafetensorError):
-        pass
 
 
 def device() -> torch.device:
@@ -222,7 +221,7 @@ def model_spectra(weights: dict[str, shards.TensorInfo], names: list[str]) -> tu
     """(the spectra of the named weights, how many came from the cache), one tensor in memory at a time."""
     files = {f"{name}.weight": weights[name] for name in names}  # read_tensors takes tensor names
     spectra, cached = [], 0
-    for name, weight in zip(names, shards.read_tensors(files, list(files))):
+    for name, weight in zip(names, shards.read_tensors(files, list(files)), strict=False):
         S, hit = singular_values(weight, device())
         spectra.append(Spectrum(name, tuple(weight.shape), S))
         cached += hit

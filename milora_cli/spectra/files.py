@@ -76,7 +76,7 @@ def write_plot(found: Inspection, path: Path) -> None:
     fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 2.6 * rows + 0.6), squeeze=False, sharey=True, layout="constrained")
     last_layer = max([s.layer or 0 for s in found.spectra] + [1])
     colours = plt.get_cmap("viridis")
-    for ax, (module, names) in zip(axes.flat, groups.items()):
+    for ax, (module, names) in zip(axes.flat, groups.items(), strict=False):
         k = by_name[names[0]].S.numel()
         ax.axvspan(0.5, found.rank + 0.5, color="tab:blue", alpha=0.3, lw=0, label=f"principal r={found.rank} (PiSSA's init)")
         ax.axvspan(k - found.rank + 0.5, k + 0.5, color="tab:red", alpha=0.3, lw=0, label=f"minor r={found.rank} (MiLoRA's init)")

@@ -33,7 +33,7 @@ _BLOCKS = "▁▂▃▄▅▆▇█"
 
 
 def inspect(
-    targets: list[str], modules: str | None = None, layers: str | None = None, rank: int | None = None,
+    targets: list[str], *, modules: str | None = None, layers: str | None = None, rank: int | None = None,
     compare: bool = False, json_path: Path | None = None, csv_path: Path | None = None, plot_path: Path | None = None,
     console: Console | None = None,
 ) -> Inspection:
@@ -66,7 +66,7 @@ def analyse(targets: list[str], modules: str | None, layers: str | None, rank: i
             f"'{targets[folders.index(None)]}' is not a training run (no adapter_meta.json in it or in its adapter/); "
             "--compare and several arguments take runs only"
         )
-    runs = [open_run(Path(target), folder) for target, folder in zip(targets, folders) if folder is not None]
+    runs = [open_run(Path(target), folder) for target, folder in zip(targets, folders, strict=False) if folder is not None]
     if len({run.base.resolve() for run in runs}) > 1:
         bases = ", ".join(sorted({run.meta["base_model"] for run in runs}))
         raise InspectError(f"the runs were trained on different base models ({bases}); compare runs of one base")
@@ -163,7 +163,7 @@ def spectra_table(spectra: list[Spectrum], r: int, floor: float | None) -> Table
     table = Table(box=box.SIMPLE_HEAD, title=_title("Singular values per matrix", r, floor))
     table.add_column(f"{prefix}…" if prefix else "matrix", no_wrap=True)
     _columns(table, ("shape", "s_max", "s_min", "cond", "eff. rank"), floor)
-    for s, name in zip(spectra, short):
+    for s, name in zip(spectra, short, strict=False):
         stats = spectrum_stats(s.S, r)
         table.add_row(
             name, "x".join(map(str, s.shape)), _num(stats["largest"]), _num(stats["smallest"]), _num(stats["condition"]),
@@ -210,11 +210,14 @@ def updates_table(found: Inspection) -> Table:
     for i, _ in enumerate(found.runs, 1):
         for column in ("|dW|/|W|", "principal", "minor", "max angle"):
             table.add_column(f"[{i}]\n{column}", justify="right")
-    for name, label in zip([s.name for s in found.spectra], short):
+    for name, label in zip([s.name for s in found.spectra], short, strict=False):
         row = [label]
         for run in found.runs:
             stats = found.updates[run.label].get(name)
-            row += [_sci(stats.relative_norm), _pct(stats.principal_share), _pct(stats.minor_share), f"{stats.max_angle:.2g}°"] if stats else ["", "", "", ""]
+            if stats:
+                row += [_sci(stats.relative_norm), _pct(stats.principal_share), _pct(stats.minor_share), f"{stats.max_angle:.2g}°"]
+            else:
+                row += ["", "", "", ""]
         table.add_row(*row)
     return table
 

@@ -63,7 +63,7 @@ def read_cached(path: Path, key: str, layer: adapter.MiloraLinear) -> Factors | 
     try:
         with safe_open(str(path), "pt") as opened:  # the key is checked from the file's own metadata
             stored_key = (opened.metadata() or {}).get("key")
-            tensors = {name: opened.get_tensor(name) for name in opened.keys()}
+            tensors = {name: opened.get_tensor(name) for name in opened.keys()}  # noqa: SIM118 - safe_open is not iterable
     except (SafetensorError, OSError, ValueError):
         return None
     lora_A, lora_B = tensors.get("lora_A"), tensors.get("lora_B")

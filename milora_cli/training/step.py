@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from milora_cli.data import tokens
 from milora_cli.evaluation.generate import eval_mode
-from milora_cli.recipe import Recipe
+from milora_cli.recipe import TrainConfig
 
 # Architectures whose logits are exactly lm_head(last hidden state): the loss then projects only the
 # label positions onto the vocabulary instead of every prompt and padding position.
@@ -43,9 +43,8 @@ class CausalLMLoss(torch.nn.Module):
         return loss, keep.sum()
 
 
-def learning_rate(step: int, recipe: Recipe, max_steps: int) -> float:
+def learning_rate(step: int, cfg: TrainConfig, max_steps: int) -> float:
     """The lr of optimizer step `step` (0-based)."""
-    cfg = recipe.train
     warmup = min(cfg.warmup_steps, max_steps)
     # 1) linear warmup from lr/warmup to lr
     if step < warmup:

@@ -124,7 +124,7 @@ def _run_loop(loop: Loop, console: Console) -> None:
         while loop.step < loop.max_steps:
             micro = [collate([setup.train_set.examples[i] for i in part]) for part in loop.stream.step(loop.step)]
             micro = [{key: value.to(accelerator.device) for key, value in batch.items()} for batch in micro]
-            lr = learning_rate(loop.step, loop.recipe, loop.max_steps)
+            lr = learning_rate(loop.step, cfg, loop.max_steps)
             for group in loop.optimizer.param_groups:
                 group["lr"] = lr
             step_loss, n_tokens, grad_norm = optimizer_step(loop.loss_module, micro, accelerator, loop.params, cfg.max_grad_norm)
