@@ -52,7 +52,7 @@ model = get_peft_model(model, lora)
 model.train()
 train_examples, _ = records.load_records(recipe.data, cfg.seed)
 train_set = tokens.build_dataset(train_examples, tokenizer, recipe.data.max_length, recipe.data.train_on_prompt)
-stream = BatchStream(len(train_set.examples), cfg.seed, cfg.micro_batch_size, 1, 0, 1)
+stream = BatchStream(len(train_set.examples), seed=cfg.seed, micro=cfg.micro_batch_size, accumulation=1, rank=0, world=1)
 collate = tokens.Collator(tokenizer.pad_token_id)
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(params, lr=cfg.lr)

@@ -46,7 +46,8 @@ def build(recipe: Recipe, device: torch.device | str) -> Setup:
     train_set, val_set = tokens.build_dataset(train_examples, *args), tokens.build_dataset(val_examples, *args)
     if not train_set.examples:
         raise RecipeError("no training example has a response token left after truncation; raise data.max_length")
-    return Setup(model, tokenizer, adapters, train_set, val_set, val_examples, path)
+    return Setup(model=model, tokenizer=tokenizer, adapters=adapters, train_set=train_set, val_set=val_set, val_examples=val_examples,
+                 model_path=path)
 
 
 def describe(recipe: Recipe, console: Console) -> None:
@@ -81,8 +82,8 @@ def initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console: 
     if note:
         console.print(f"[yellow]note:[/] {recipe.model.name_or_path}: {note}")
     start = time.perf_counter()
-    report = init_cache.initialise(setup.adapters, recipe.adapter, recipe.train.seed, recipe.adapter.cache_factors,
-                                   accelerator.process_index, accelerator.num_processes)
+    report = init_cache.initialise(setup.adapters, recipe.adapter, seed=recipe.train.seed, use_cache=recipe.adapter.cache_factors,
+                                   rank=accelerator.process_index, world=accelerator.num_processes)
     seconds = time.perf_counter() - start
     trainable, total = adapter.count_parameters(setup.model)
     console.print(

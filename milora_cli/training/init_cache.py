@@ -95,7 +95,7 @@ def _own_factors(layer: adapter.MiloraLinear, cfg: AdapterConfig, use_cache: boo
     return factors, False
 
 
-def initialise(adapters: dict[str, adapter.MiloraLinear], cfg: AdapterConfig, seed: int, use_cache: bool,
+def initialise(adapters: dict[str, adapter.MiloraLinear], cfg: AdapterConfig, *, seed: int, use_cache: bool,
                rank: int = 0, world: int = 1) -> InitReport:
     """Set every adapter's initial factors; the SVD inits decomposed once per layer over all processes."""
     if cfg.init == "lora":  # random A, zero B from the seed: the same on every rank, nothing to share

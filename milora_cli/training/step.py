@@ -58,7 +58,7 @@ def learning_rate(step: int, cfg: TrainConfig, max_steps: int) -> float:
 class BatchStream:
     """The examples of optimizer step k, split into this process's micro-batches."""
 
-    def __init__(self, n_examples: int, seed: int, micro: int, accumulation: int, rank: int, world: int):
+    def __init__(self, n_examples: int, *, seed: int, micro: int, accumulation: int, rank: int, world: int):
         self.n, self.seed, self.micro, self.accumulation, self.rank, self.world = n_examples, seed, micro, accumulation, rank, world
         self.global_batch = micro * accumulation * world
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)

@@ -106,12 +106,13 @@ def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: Save
         _compile_layers(setup.model)
     params = [p for p in setup.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    stream = BatchStream(len(setup.train_set.examples), cfg.seed, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
-                         accelerator.process_index, accelerator.num_processes)
+    stream = BatchStream(len(setup.train_set.examples), seed=cfg.seed, micro=cfg.micro_batch_size, accumulation=cfg.gradient_accumulation_steps,
+                         rank=accelerator.process_index, world=accelerator.num_processes)
     max_steps = total_steps(recipe, len(setup.train_set.examples), stream.global_batch)
     benchmarks = suite.TrainingBenchmarks(recipe.eval, setup.model, setup.tokenizer, saver.run.path, console, enabled=saver.run.main)
     loss_module, optimizer = accelerator.prepare(CausalLMLoss(setup.model), optimizer)
-    return Loop(recipe, setup, accelerator, loss_module, optimizer, params, stream, max_steps, saver, benchmarks, log=None)
+    return Loop(recipe=recipe, setup=setup, accelerator=accelerator, loss_module=loss_module, optimizer=optimizer, params=params,
+                stream=stream, max_steps=max_steps, saver=saver, benchmarks=benchmarks, log=None)
 
 
 def _run_loop(loop: Loop, console: Console) -> None:
