@@ -21,6 +21,7 @@ Init = Literal["milora", "pissa", "lora"]
 SvdDtype = Literal["float32", "float64"]
 SvdDriver = Literal["gram", "svd"]
 MergeFormat = Literal["merged", "peft"]
+Packing = Literal["auto", "on", "off"]
 # The benchmarks `milora eval` and the recipe's eval.tasks know (tasks.py holds their data and protocols).
 BenchmarkTask = Literal[
     "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
@@ -90,6 +91,11 @@ class DataConfig(_Section):
     max_length: int = Field(256, ge=8, description="Tokens per example; longer ones are truncated and counted.")
     train_on_prompt: bool = Field(False, description="Also compute the loss on the prompt (default: response only).")
     max_examples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
+    packing: Packing = Field(
+        "auto",
+        description="Pack each micro-batch into one row without padding (position_ids restart per example; no attention "
+        "across examples). auto: on for the architectures whose packed masks milora knows (Llama, Mistral, Qwen2/3).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

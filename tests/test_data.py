@@ -118,11 +118,13 @@ def test_build_dataset_counts(smol_tokenizer):
 def test_collator_right_pads(smol_tokenizer):
     batch = [tokenize_example(ex, smol_tokenizer, 512, False) for ex in EXAMPLES]
     collate = pickle.loads(pickle.dumps(Collator(pad_token_id=smol_tokenizer.pad_token_id)))
-    out = collate(batch)
+    collated = collate(batch)
+    out = {**collated.inputs, "labels": collated.labels}
     lengths = [len(t.input_ids) for t in batch]
     assert set(out) == {"input_ids", "attention_mask", "labels"}
     for key in out:
         assert out[key].dtype == torch.long and out[key].shape == (len(batch), max(lengths))
+    assert collated.n_tokens == sum(lengths) and len(collated.targets) == sum(t.n_targets for t in batch)
     assert out["attention_mask"].sum(dim=1).tolist() == lengths
     for row, t in enumerate(batch):
         n = lengths[row]

@@ -22,6 +22,11 @@ class TokenizedExample:
     labels: list[int]  # IGNORE_INDEX where no loss is taken
     truncated: bool
 
+    @property
+    def n_targets(self) -> int:
+        """Tokens that carry loss: every label but the first (which no earlier token predicts)."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
 
 def tokenize_example(
     ex: Example, tokenizer: Any, max_length: int, train_on_prompt: bool
@@ -78,12 +83,48 @@ def build_dataset(
 
 
 @dataclass
+class Batch:
+    """A micro-batch as the loss takes it, with the label bookkeeping done on the CPU.
+
+    `positions` index the flattened (B*T) token grid: the tokens whose NEXT token carries loss, and `targets`
+    are those next tokens. The loss gathers them instead of masking on the device (a boolean mask of a
+    device tensor makes the host wait for it).
+    """
+
+    inputs: dict[str, torch.Tensor]  # input_ids and attention_mask (padded) or position_ids (packed), (B, T) each
+    labels: torch.Tensor  # (B, T) IGNORE_INDEX where no loss is taken (kept for inspection; the loss uses positions)
+    positions: torch.Tensor  # (N,)
+    targets: torch.Tensor  # (N,)
+    n_tokens: int  # input tokens, padding excluded
+
+    def to(self, device: torch.device | str) -> Batch:
+        moved = {key: value.to(device, non_blocking=True) for key, value in self.inputs.items()}
+        return Batch(moved, self.labels, self.positions.to(device, non_blocking=True), self.targets.to(device, non_blocking=True), self.n_tokens)
+
+
+def _label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, targets) of a (B, T) label grid: token t of a row predicts label t + 1."""
+    keep = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
+    rows, cols = keep.nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols, labels[:, 1:][keep]
+
+
+@dataclass
 class Collator:
-    """Right-pads a batch to its longest example. A plain dataclass so DataLoader workers can pickle it."""
+    """Builds a Batch: padded rows, or all examples packed into one row. A plain dataclass (picklable).
+
+    padded   each example a row, right-padded to the longest, with an attention mask
+    packed   the examples concatenated into one row, position_ids restarting at 0 for each; transformers
+             then attends only within an example (its packed-sequence masks), and no compute goes to padding
+    """
 
     pad_token_id: int
+    packed: bool = False
 
-    def __call__(self, batch: list[TokenizedExample]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: list[TokenizedExample]) -> Batch:
+        return self._packed(batch) if self.packed else self._padded(batch)
+
+    def _padded(self, batch: list[TokenizedExample]) -> Batch:
         width = max(len(t.input_ids) for t in batch)
         input_ids = torch.full((len(batch), width), self.pad_token_id, dtype=torch.long)  # (B, T)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
@@ -93,7 +134,19 @@ class Collator:
             input_ids[row, :n] = torch.tensor(t.input_ids, dtype=torch.long)
             labels[row, :n] = torch.tensor(t.labels, dtype=torch.long)
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        positions, targets = _label_positions(labels)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return Batch(inputs, labels, positions, targets, sum(len(t.input_ids) for t in batch))
+
+    def _packed(self, batch: list[TokenizedExample]) -> Batch:
+        # An example's first label would be the target of the previous example's last token: never trained,
+        # exactly as the first label of a padded row is never a target.
+        labels = [[IGNORE_INDEX, *t.labels[1:]] for t in batch]
+        input_ids = torch.tensor([token for t in batch for token in t.input_ids], dtype=torch.long)[None]  # (1, T)
+        position_ids = torch.tensor([p for t in batch for p in range(len(t.input_ids))], dtype=torch.long)[None]  # (1, T)
+        flat_labels = torch.tensor([label for row in labels for label in row], dtype=torch.long)[None]  # (1, T)
+        positions, targets = _label_positions(flat_labels)
+        return Batch({"input_ids": input_ids, "position_ids": position_ids}, flat_labels, positions, targets, input_ids.shape[1])
 
 
 def render_label_mask(tokenizer: Any, tokenized: TokenizedExample) -> Text:

@@ -16,31 +16,47 @@ from accelerate import Accelerator
 
 from milora_cli.data import tokens
 from milora_cli.evaluation.generate import eval_mode
-from milora_cli.recipe import TrainConfig
+from milora_cli.errors import RecipeError
+from milora_cli.recipe import Packing, TrainConfig
 
 # Architectures whose logits are exactly lm_head(last hidden state): the loss then projects only the
-# label positions onto the vocabulary instead of every prompt and padding position.
+# label positions onto the vocabulary instead of every prompt and padding position. transformers also
+# masks their packed rows (position_ids restarting at 0 mark a new sequence) for sdpa, eager and flash
+# attention, so examples packed into one row attend only to themselves.
 _PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3"}
 
 
+def packs(choice: Packing, model: torch.nn.Module) -> bool:
+    """Whether data.packing (auto, on, off) packs the micro-batches of `model`."""
+    supported = getattr(model.config, "model_type", None) in _PLAIN_HEAD
+    if choice == "on" and not supported:
+        raise RecipeError(f"data.packing=on: model type '{model.config.model_type}' has no packed-sequence masks in milora; "
+                          f"use data.packing=auto or off (packing supports {', '.join(sorted(_PLAIN_HEAD))})")
+    return choice == "on" or (choice == "auto" and supported)
+
+
 class CausalLMLoss(torch.nn.Module):
-    """Sum of next-token cross-entropies over label positions, and their count."""
+    """Sum of next-token cross-entropies over the label positions of a Batch (data/tokens.py)."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
         self.plain_head = getattr(model.config, "model_type", None) in _PLAIN_HEAD
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-        targets = labels[:, 1:]  # (B, T-1)
-        keep = targets != -100  # (B, T-1)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
         if self.plain_head:
-            hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            logits = self.model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][keep])  # (N, V)
+            hidden = self.model.get_decoder()(**inputs).last_hidden_state  # (B, T, H)
+            logits = self.model.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, positions))  # (N, V)
         else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][keep]
-        loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return loss, keep.sum()
+            logits = self.model(**inputs).logits.flatten(0, 1).index_select(0, positions)  # (N, V)
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def loss_inputs(batch: tokens.Batch) -> dict[str, torch.Tensor]:
+    """CausalLMLoss's keyword arguments for a Batch already on the device."""
+    return {**batch.inputs, "positions": batch.positions, "targets": batch.targets}
 
 
 def learning_rate(step: int, cfg: TrainConfig, max_steps: int) -> float:
@@ -70,42 +86,47 @@ class BatchStream:
             self._order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
         return int(self._order[position % self.n])
 
+    def global_indices(self, k: int) -> list[int]:
+        """The examples of step k over all processes."""
+        return [self._index(k * self.global_batch + i) for i in range(self.global_batch)]
+
     def step(self, k: int) -> list[list[int]]:
-        indices = [self._index(k * self.global_batch + i) for i in range(self.global_batch)]
+        indices = self.global_indices(k)
         slots = [j * self.world + self.rank for j in range(self.accumulation)]  # micro-batch j of this rank
         return [indices[s * self.micro : (s + 1) * self.micro] for s in slots]
 
 
 
-def optimizer_step(loss_module, micro: list[dict[str, torch.Tensor]], accelerator: Accelerator, params, max_grad_norm: float | None):
+def optimizer_step(loss_module, micro: list[tokens.Batch], accelerator: Accelerator, params, max_grad_norm: float | None,
+                   n_targets: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward/backward over this process's micro-batches of one step, then clip; returns
-    (summed token loss of this process, label tokens of the whole global batch, gradient norm or None).
+    (summed token loss of this process, on the device; gradient norm or None).
 
-    The loss is normalised by the label tokens of the whole global batch, so accumulation and the
-    number of processes do not change the gradient (DDP averages gradients over processes).
+    The loss is normalised by `n_targets`, the label tokens of the whole global batch (counted on the CPU,
+    so no process waits for another here): accumulation and the number of processes do not change the
+    gradient (DDP averages gradients over processes).
     """
-    n_tokens = accelerator.reduce(sum(b["labels"][:, 1:].ne(-100).sum() for b in micro), "sum").item()
     step_loss = torch.zeros((), device=accelerator.device)
     for j, batch in enumerate(micro):
         sync = nullcontext() if j == len(micro) - 1 else accelerator.no_sync(loss_module)
         with sync, accelerator.autocast():
-            loss_sum, _ = loss_module(**batch)
-            accelerator.backward(loss_sum * accelerator.num_processes / n_tokens)
+            loss_sum = loss_module(**loss_inputs(batch))
+            accelerator.backward(loss_sum * accelerator.num_processes / n_targets)
         step_loss += loss_sum.detach()
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
-    return step_loss, n_tokens, grad_norm
+    return step_loss, grad_norm
 
 
 @torch.no_grad()
-def validation_loss(loss_module, val_set: tokens.TokenizedDataset, collate, micro: int, accelerator: Accelerator) -> float:
+def validation_loss(loss_module, val_set: tokens.TokenizedDataset, collate: tokens.Collator, micro: int, accelerator: Accelerator) -> float:
     """Mean token loss over the validation set, each process scoring its own share."""
-    total = torch.zeros(2, device=accelerator.device)
+    loss, count = torch.zeros((), device=accelerator.device), 0
     share = val_set.examples[accelerator.process_index :: accelerator.num_processes]
     with eval_mode(loss_module):
         for start in range(0, len(share), micro):
-            batch = {k: v.to(accelerator.device) for k, v in collate(share[start : start + micro]).items()}
+            batch = collate(share[start : start + micro]).to(accelerator.device)
             with accelerator.autocast():
-                loss_sum, count = loss_module(**batch)
-            total += torch.stack([loss_sum.float(), count.float()])
-    total = accelerator.reduce(total, "sum")
+                loss += loss_module(**loss_inputs(batch)).float()
+            count += batch.targets.numel()
+    total = accelerator.reduce(torch.stack([loss, torch.tensor(float(count), device=accelerator.device)]), "sum")
     return (total[0] / total[1].clamp(min=1)).item()

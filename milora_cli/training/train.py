@@ -27,7 +27,7 @@ from milora_cli.runlog import MetricsLog, Progress, versions
 from milora_cli.training.build import Setup, build, data_line, initialise
 from milora_cli.training.heldout import HeldoutScorer
 from milora_cli.training.run_dir import COMPLETE, RunDir, Saver, resume
-from milora_cli.training.step import BatchStream, CausalLMLoss, learning_rate, optimizer_step, validation_loss
+from milora_cli.training.step import BatchStream, CausalLMLoss, learning_rate, optimizer_step, packs, validation_loss
 
 
 def total_steps(recipe: Recipe, n_examples: int, global_batch: int) -> int:
@@ -118,25 +118,25 @@ def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: Save
 def _run_loop(loop: Loop, console: Console) -> None:
     """Optimizer steps up to max_steps; a signal stops after a whole step with a checkpoint to resume from."""
     cfg, accelerator, setup = loop.recipe.train, loop.accelerator, loop.setup
-    collate = tokens.Collator(setup.tokenizer.pad_token_id)
+    collate = tokens.Collator(setup.tokenizer.pad_token_id, packed=packs(loop.recipe.data.packing, setup.model))
     window = Window()
     loop.loss_module.train()
     with Progress(console, loop.max_steps, start_step=loop.step, enabled=loop.saver.run.main) as progress, _interrupt_flag() as interrupted:
         while loop.step < loop.max_steps:
-            micro = [collate([setup.train_set.examples[i] for i in part]) for part in loop.stream.step(loop.step)]
-            micro = [{key: value.to(accelerator.device) for key, value in batch.items()} for batch in micro]
+            micro = [collate([setup.train_set.examples[i] for i in part]).to(accelerator.device) for part in loop.stream.step(loop.step)]
+            everyone = [setup.train_set.examples[i] for i in loop.stream.global_indices(loop.step)]
+            n_targets = sum(ex.n_targets for ex in everyone)
             lr = learning_rate(loop.step, cfg, loop.max_steps)
             for group in loop.optimizer.param_groups:
                 group["lr"] = lr
-            step_loss, n_tokens, grad_norm = optimizer_step(loop.loss_module, micro, accelerator, loop.params, cfg.max_grad_norm)
+            step_loss, grad_norm = optimizer_step(loop.loss_module, micro, accelerator, loop.params, cfg.max_grad_norm, n_targets)
             loop.optimizer.step()
             loop.optimizer.zero_grad(set_to_none=True)
             loop.step += 1
             progress.advance(loop.step)
-            window.add(accelerator.reduce(step_loss, "sum").item(), n_tokens,
-                       sum(int(b["attention_mask"].sum()) for b in micro) * accelerator.num_processes)
+            window.add(step_loss, n_targets, sum(len(ex.input_ids) for ex in everyone))
             if loop.step == 1 or loop.step % cfg.log_every == 0 or loop.step == loop.max_steps:
-                record = {"step": loop.step, **window.flush(), "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                record = {"step": loop.step, **window.flush(accelerator), "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                           "epoch": loop.step * loop.stream.global_batch / loop.stream.n}
                 if loop.log:
                     loop.log.write(record)
@@ -183,16 +183,22 @@ def _accelerator(mixed_precision: str) -> Accelerator:
 
 
 class Window:
-    """Token-weighted loss and throughput since the last log line."""
+    """Token-weighted loss and throughput since the last log line.
+
+    The loss stays on the device until a log line needs it: reading it (and summing it over processes)
+    makes the host wait for the GPU, so it happens on log steps only, which every process shares.
+    """
 
     def __init__(self):
         self.loss, self.tokens, self.seen, self.start = 0.0, 0, 0, time.perf_counter()
 
-    def add(self, loss_sum: float, label_tokens: int, input_tokens: int) -> None:
+    def add(self, loss_sum: torch.Tensor, label_tokens: int, input_tokens: int) -> None:
+        """This process's summed loss of a step; the label and input tokens of the step's whole global batch."""
         self.loss, self.tokens, self.seen = self.loss + loss_sum, self.tokens + label_tokens, self.seen + input_tokens
 
-    def flush(self) -> dict[str, float]:
-        report = {"loss": self.loss / self.tokens, "tokens_per_s": self.seen / (time.perf_counter() - self.start)}
+    def flush(self, accelerator: Accelerator) -> dict[str, float]:
+        loss = accelerator.reduce(self.loss, "sum").item()
+        report = {"loss": loss / self.tokens, "tokens_per_s": self.seen / (time.perf_counter() - self.start)}
         self.__init__()
         return report
 
