@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,7 +61,7 @@ def merge(
     else:
         tensors = shards.read_index(base_folder)
         check_base(tensors, _trained_on(meta, base_folder), shapes, name)
-        seen = models.weights_fingerprint(LazyWeights(tensors, layers, models.DTYPES[meta["base_dtype"]]))
+        seen = models.weights_fingerprint(shards.LazyWeights(tensors, layers, models.DTYPES[meta["base_dtype"]]))
         if seen != meta["base_fingerprint"]:
             console.print(
                 f"[yellow]warning:[/] the weights of {name} differ from those the adapter was trained on (fingerprint "
@@ -158,22 +158,6 @@ def _trained_on(meta: dict[str, Any], base_folder: Path) -> dict[str, shards.Ten
         return shards.read_index(recorded)
     except ModelError:  # a recorded base that is no longer readable: check the adapted weights only
         return None
-
-
-class LazyWeights(Mapping):
-    """{layer: base weight in `dtype`}, read on access: fingerprinting holds one weight at a time."""
-
-    def __init__(self, tensors: dict[str, shards.TensorInfo], layers: list[str], dtype: torch.dtype):
-        self.tensors, self.layers, self.dtype = tensors, layers, dtype
-
-    def __getitem__(self, layer: str) -> torch.Tensor:
-        return next(shards.read_tensors(self.tensors, [f"{layer}.weight"])).to(self.dtype)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
 
 
 def write_merged(
