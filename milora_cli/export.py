@@ -7,6 +7,8 @@ A milora layer computes y = W x + s (B A - B0 A0) x (adapter.py), so the learned
 merged: W' = W + dW, computed in float32, cast to the output dtype; every other tensor copied (and cast).
 peft:   a LoRA of rank 2r, A' = [A ; A0] (2r, in), B' = [B | -B0] (out, 2r), lora_alpha doubled so that the
         scaling alpha'/r' is unchanged. Plain LoRA runs (B0 = 0) stay rank r: A and B as they are.
+A run on a quantized base (quantize.py) trained Q(W) x + s (B A - B0 A0) x: dW does not involve Q, so it goes
+onto the original full-precision W like any other run's, and the merge says so.
 
 The base is never built as a model: its tensors stream one at a time from its safetensors files into the
 output's (shards.py), so the peak memory is about one tensor plus the adapter, whatever the shard sizes.
@@ -68,10 +70,15 @@ def merge(
                 f"{seen}, trained on {meta['base_fingerprint']}): another revision or dtype of the architecture? "
                 "The export is exact for this base, but the adapter was not trained on it"
             )
+    quantized = meta.get("base_quantize", "none")
+    if quantized != "none":
+        console.print(f"the run trained on a {quantized} base; its update dW = s (B A - B0 A0) does not depend on the "
+                      f"quantization and goes onto the original full-precision weights of {name}")
     source = base_folder / models.SOURCE_FILE if base_folder else None
     provenance = {
         "format": fmt, "adapter": str(folder.resolve()), "init": meta["init"], "r": meta["r"], "lora_alpha": meta["lora_alpha"],
         "step": meta.get("step"), "base_model": name, "revision": revision, "base_fingerprint": meta["base_fingerprint"],
+        "trained_on_quantize": quantized,
         # A base converted by milora (the embedded GGUF model) is noted, not copied: the merge is not that file.
         "derived_from": json.loads(source.read_text()) if source and source.is_file() else None, "versions": versions(),
     }

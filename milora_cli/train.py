@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 
-from milora_cli import adapter, checkpoint, data, evaluate, init_cache, models, suite
+from milora_cli import adapter, checkpoint, data, evaluate, init_cache, models, quantize, suite
 from milora_cli.loop import BatchStream, CausalLMLoss, learning_rate, optimizer_step, validation_loss
 from milora_cli.errors import RecipeError
 from milora_cli.recipe import Recipe, dump_recipe, validate
@@ -41,11 +41,13 @@ class Setup:
     model_path: str
 
 
-def build(recipe: Recipe, device: torch.device | str) -> Setup:
+def build(recipe: Recipe, device: torch.device | str, processes: int = 1) -> Setup:
     """Load the model and tokenizer, inject adapters (not yet initialised), tokenise the data."""
-    path = models.resolve(recipe.model.name_or_path)
-    tokenizer = models.load_tokenizer(path, recipe.model.revision, recipe.model.trust_remote_code)
-    model = models.load_model(path, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code, device)
+    cfg = recipe.model
+    quantize.check(cfg.quantize, cfg.dtype, torch.device(device).type, processes)
+    path = models.resolve(cfg.name_or_path)
+    tokenizer = models.load_tokenizer(path, cfg.revision, cfg.trust_remote_code)
+    model = quantize.load_model(path, cfg.dtype, cfg.quantize, cfg.revision, cfg.trust_remote_code, device)
     names = adapter.find_targets(model, recipe.adapter.target_modules)
     adapters = adapter.inject(model, names, recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout)
     train_examples, val_examples = data.load_records(recipe.data, recipe.train.seed)
@@ -102,7 +104,7 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         return {"complete": True, "run_dir": str(run_dir)}
     set_seed(cfg.seed)
     # 2. model, adapters, data, initial factors; a fresh run folder is written only once they load
-    setup = build(recipe, accelerator.device)
+    setup = build(recipe, accelerator.device, accelerator.num_processes)
     if resume_from is None:
         _start_run_dir(run_dir, recipe_yaml)
     console.print(_data_line(recipe, setup))
@@ -204,9 +206,13 @@ def _initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console:
     note = models.quantisation_note(setup.model_path)
     if note:
         console.print(f"[yellow]note:[/] {recipe.model.name_or_path}: {note}")
+    model_cfg = recipe.model
+    if model_cfg.quantize != "none":
+        console.print(f"{model_cfg.quantize} base: the initial factors come from the full-precision weights of {setup.model_path}")
     start = time.perf_counter()
+    weights = quantize.full_precision_weights(setup.adapters, model_cfg.quantize, setup.model_path, model_cfg.revision, model_cfg.dtype)
     report = init_cache.initialise(setup.adapters, recipe.adapter, recipe.train.seed, recipe.adapter.cache_factors,
-                                   accelerator.process_index, accelerator.num_processes)
+                                   accelerator.process_index, accelerator.num_processes, weights)
     seconds = time.perf_counter() - start
     trainable, total = adapter.count_parameters(setup.model)
     console.print(
@@ -214,13 +220,12 @@ def _initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console:
         f"{accelerator.device}{report.describe(accelerator.num_processes)}; "
         f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
     )
-    base_weights = {name: layer.base_layer.weight for name, layer in setup.adapters.items()}
     meta = {
         "init": recipe.adapter.init, "r": recipe.adapter.r, "lora_alpha": recipe.adapter.alpha,
         "scaling": recipe.adapter.alpha / recipe.adapter.r, "lora_dropout": recipe.adapter.dropout,
         "target_modules": list(setup.adapters), "base_model": recipe.model.name_or_path,
         "base_model_path": setup.model_path, "revision": recipe.model.revision, "base_dtype": recipe.model.dtype,
-        "base_fingerprint": models.weights_fingerprint(base_weights),
+        "base_quantize": model_cfg.quantize, "base_fingerprint": models.weights_fingerprint(weights),
     }
     summary = {"run_dir": recipe.output.dir, "init_seconds": seconds, "init_decomposed": report.computed,
                "init_from_cache": report.cached, "trainable": trainable, "total": total}
