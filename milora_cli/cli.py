@@ -80,6 +80,13 @@ class Dtype(str, enum.Enum):
     fp16 = "fp16"
 
 
+class QuantizeChoice(str, enum.Enum):
+    none = "none"
+    nf4 = "nf4"
+    fp4 = "fp4"
+    int8 = "int8"
+
+
 @app.command()
 @user_errors
 def merge(
@@ -139,6 +146,7 @@ def eval_(
     num_beams: Annotated[int | None, typer.Option(help="Beam search width; 1 (the default) is greedy.", show_default=False)] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens generated per example. Default: 32 commonsense, 512 GSM8K/MATH.", show_default=False)] = None,
     dtype: Annotated[Dtype | None, typer.Option(help="dtype of the model. Default: a run's base dtype, else fp32.", show_default=False)] = None,
+    quantize: Annotated[QuantizeChoice | None, typer.Option(help="Hold the base in nf4/fp4/int8 (bitsandbytes) or not (none). Default: a run's as it trained, else none.", show_default=False)] = None,
     output: Annotated[Path, typer.Option(help="Results folder; an existing one of the same settings resumes.")] = Path("out/eval"),
 ) -> None:
     """Score a model or a run on the paper's benchmarks: per-example JSONL, summary JSON and a table. Resumes."""
@@ -148,7 +156,7 @@ def eval_(
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     cfg = eval_settings({"tasks": names, "data_dir": data_dir, "limit": limit, "batch_size": batch_size, "num_beams": num_beams,
                          "choice_max_new_tokens": max_new_tokens, "math_max_new_tokens": max_new_tokens})
-    run_eval(model_or_run, cfg, output, dtype.value if dtype else None, console)
+    run_eval(model_or_run, cfg, output, dtype.value if dtype else None, console, quantize.value if quantize else None)
 
 
 def main() -> None:  # pragma: no cover - `python -m milora_cli`
