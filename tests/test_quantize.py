@@ -19,7 +19,7 @@ import helpers
 from helpers import rel_max_error
 from milora_cli import adapter, init_cache, models, quantize, suite
 from milora_cli.errors import QuantizeError
-from milora_cli.recipe import AdapterConfig, validate
+from milora_cli.recipe import AdapterConfig, load_recipe, validate
 from milora_cli.train import train
 
 pytest.importorskip("bitsandbytes", reason="model.quantize needs bitsandbytes: pip install -e '.[quant]'")
@@ -115,6 +115,14 @@ def test_an_already_quantized_checkpoint_is_refused(tmp_path):
     layer = adapter.MiloraLinear(torch.nn.Linear(32, 64, bias=False), 4, 4.0, 0.0)
     with pytest.raises(QuantizeError, match=r"U8 of shape \[1024, 1\] \(expected floats of shape \[64, 32\]\)"):
         quantize.full_precision_weights({"model.layers.0.mlp.up_proj": layer}, "nf4", str(tmp_path / "prequantized"), None, "fp32")
+
+
+def test_the_nf4_recipe_is_the_paper_recipe_on_a_4_bit_base():
+    nf4, bf16 = (load_recipe(helpers.REPO / "recipes" / f"commonsense_llama3{tail}.yaml") for tail in ("_nf4", ""))
+    assert (nf4.model.quantize, nf4.model.dtype) == ("nf4", "bf16")
+    differences = {(section, key) for section in ("model", "adapter", "data", "train", "output", "eval")
+                   for key, value in getattr(nf4, section) if getattr(getattr(bf16, section), key) != value}
+    assert differences == {("model", "quantize"), ("output", "dir")}
 
 
 @pytest.fixture(scope="module")
