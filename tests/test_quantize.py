@@ -118,23 +118,36 @@ def test_an_already_quantized_checkpoint_is_refused(tmp_path):
 
 
 def test_the_nf4_recipe_is_the_paper_recipe_on_a_4_bit_base():
+    """The same training, on a 4-bit base with activations recomputed: what fits 16 GB (benchmarks/llama3_memory.py)."""
     nf4, bf16 = (load_recipe(helpers.REPO / "recipes" / f"commonsense_llama3{tail}.yaml") for tail in ("_nf4", ""))
     assert (nf4.model.quantize, nf4.model.dtype) == ("nf4", "bf16")
     differences = {(section, key) for section in ("model", "adapter", "data", "train", "output", "eval")
                    for key, value in getattr(nf4, section) if getattr(getattr(bf16, section), key) != value}
-    assert differences == {("model", "quantize"), ("output", "dir")}
+    assert differences == {("model", "quantize"), ("train", "gradient_checkpointing"), ("output", "dir")}
+
+
+def tiny_nf4_recipe(model_dir: str, data: str, out: Path, gradient_checkpointing: bool = False) -> dict:
+    return {"model": {"name_or_path": model_dir, "quantize": "nf4"},
+            "adapter": {"r": 4, "dropout": 0.0, "target_modules": "all-linear"},
+            "data": {"path": data, "val_size": 0, "max_length": 64},
+            "train": {"max_steps": 3, "lr": 1e-2, "warmup_steps": 0, "micro_batch_size": 4, "eval_every": None,
+                      "gradient_checkpointing": gradient_checkpointing},
+            "output": {"dir": str(out), "tensorboard": False}}
 
 
 @pytest.fixture(scope="module")
 def tiny_nf4_run(tmp_path_factory, tiny64_model_dir, tiny_data) -> Path:
     out = tmp_path_factory.mktemp("nf4-run") / "run"
-    raw = {"model": {"name_or_path": tiny64_model_dir, "quantize": "nf4"},
-           "adapter": {"r": 4, "dropout": 0.0, "target_modules": "all-linear"},
-           "data": {"path": tiny_data, "val_size": 0, "max_length": 64},
-           "train": {"max_steps": 3, "lr": 1e-2, "warmup_steps": 0, "micro_batch_size": 4, "eval_every": None},
-           "output": {"dir": str(out), "tensorboard": False}}
-    train(validate(raw), Console(quiet=True))
+    train(validate(tiny_nf4_recipe(tiny64_model_dir, tiny_data, out)), Console(quiet=True))
     return out
+
+
+def test_gradient_checkpointing_trains_the_same_adapter_on_a_4_bit_base(tiny_nf4_run, tiny64_model_dir, tiny_data, tmp_path):
+    """The nf4 recipe fits 16 GB with checkpointing only (README): it must not change what trains."""
+    train(validate(tiny_nf4_recipe(tiny64_model_dir, tiny_data, tmp_path / "ckpt", True)), Console(quiet=True))
+    plain, checkpointed = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (tiny_nf4_run, tmp_path / "ckpt"))
+    assert plain.keys() == checkpointed.keys()
+    assert all(rel_max_error(checkpointed[key], plain[key]) < 1e-5 for key in plain)
 
 
 def test_eval_scores_a_run_as_trained_on_its_quantized_base(tiny_nf4_run):
