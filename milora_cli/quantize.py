@@ -58,13 +58,30 @@ def load_model(path: str, dtype: str, quantized: Quantize, revision: str | None 
                device: str | torch.device = "cpu"):
     """models.load_model with the base quantized as it loads (`none`: as it is)."""
     model = models.load_model(path, dtype, revision, trust_remote_code, device, bnb_config(quantized, dtype))
+    if quantized == "none":
+        return model
     for module in model.modules():
         # At its first eval-mode forward on a CPU, bitsandbytes repacks a 4-bit weight for an AVX512-BF16 kernel
         # that computes in bf16 and has no backward: the gradients through the frozen base would silently vanish
         # after the first held-out score, and eval would score another function than the one trained.
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+    if torch.device(device).type == "cpu":
+        _own_memory(model)
     return model
+
+
+def _own_memory(model: torch.nn.Module) -> None:
+    """Copy the unquantized tensors (embeddings, norms) out of the checkpoint's memory map.
+
+    On CPU they are views of the mapped file, and while one view lives the whole mapping stays resident:
+    every page that quantizing read (the full-precision weights, ~0.4 GB for SmolLM2) counted in the
+    process's memory for the whole run.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if type(tensor).__name__ not in ("Params4bit", "Int8Params"):
+                tensor.data = tensor.data.clone()
 
 
 def bnb_config(quantize: Quantize, dtype: str):
