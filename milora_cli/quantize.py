@@ -37,8 +37,16 @@ _BNB: dict[str, dict[str, Any]] = {
 }
 
 
-def check(quantize: Quantize, dtype: str, device_type: str, processes: int = 1) -> None:
-    """Refuse, before anything loads, a quantized base that cannot run here: one line, what to change."""
+# Accelerate's distributed types that shard parameters: they would split bitsandbytes' packed weights.
+_SHARDING = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
+
+
+def check(quantize: Quantize, dtype: str, device_type: str, distributed: str = "NO") -> None:
+    """Refuse, before anything loads, a quantized base that cannot run here: one line, what to change.
+
+    `distributed`: accelerate's DistributedType value. DDP (MULTI_CPU, MULTI_GPU) runs: 2 gloo processes
+    train the adapter of 1 process with twice the batch (tests/test_quantize.py).
+    """
     if quantize == "none":
         return
     what = f"model.quantize={quantize}"
@@ -47,10 +55,10 @@ def check(quantize: Quantize, dtype: str, device_type: str, processes: int = 1) 
     if dtype == "fp16" and device_type == "cpu":
         # bitsandbytes' CPU kernels have no fp16 path worth the name (a step of SmolLM2-135M took minutes)
         raise QuantizeError(f"{what} with model.dtype=fp16 on a CPU: use model.dtype=fp32 or bf16 (fp16 compute is for GPUs)")
-    if processes > 1:
+    if distributed in _SHARDING:
         raise QuantizeError(
-            f"{what} with {processes} processes: a quantized base trains in one process here (multi-process "
-            "training of a bitsandbytes base is not supported); launch one process, or set model.quantize=none"
+            f"{what} under {distributed}: milora does not shard bitsandbytes' packed weights; train a quantized base "
+            "in one process or under DDP (configs/ddp.yaml, torchrun), or set model.quantize=none"
         )
 
 

@@ -41,10 +41,10 @@ class Setup:
     model_path: str
 
 
-def build(recipe: Recipe, device: torch.device | str, processes: int = 1) -> Setup:
+def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO") -> Setup:
     """Load the model and tokenizer, inject adapters (not yet initialised), tokenise the data."""
     cfg = recipe.model
-    quantize.check(cfg.quantize, cfg.dtype, torch.device(device).type, processes)
+    quantize.check(cfg.quantize, cfg.dtype, torch.device(device).type, distributed)
     path = models.resolve(cfg.name_or_path)
     tokenizer = models.load_tokenizer(path, cfg.revision, cfg.trust_remote_code)
     model = quantize.load_model(path, cfg.dtype, cfg.quantize, cfg.revision, cfg.trust_remote_code, device)
@@ -104,7 +104,7 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         return {"complete": True, "run_dir": str(run_dir)}
     set_seed(cfg.seed)
     # 2. model, adapters, data, initial factors; a fresh run folder is written only once they load
-    setup = build(recipe, accelerator.device, accelerator.num_processes)
+    setup = build(recipe, accelerator.device, accelerator.distributed_type.value)
     if resume_from is None:
         _start_run_dir(run_dir, recipe_yaml)
     console.print(_data_line(recipe, setup))

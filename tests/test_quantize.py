@@ -4,13 +4,15 @@ Fast tests on the tiny seeded Llama; the acceptance properties on the real SmolL
 Everything runs the real bitsandbytes CPU kernels.
 """
 
-import io
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -99,10 +101,10 @@ def test_refusals_come_before_anything_loads(tmp_path, monkeypatch):
     result = helpers.milora("train", str(recipe), f"output.dir={tmp_path / 'out'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "model.dtype=fp16 on a CPU" in result.stderr  # not the missing model
-    with pytest.raises(QuantizeError, match="2 processes"):
-        quantize.check("nf4", "fp32", "cpu", processes=2)
-    quantize.check("nf4", "bf16", "cpu")  # bf16 compute runs on CPU
-    quantize.check("none", "fp16", "cpu", processes=2)  # nothing to refuse without quantization
+    with pytest.raises(QuantizeError, match="under FSDP: milora does not shard"):
+        quantize.check("nf4", "bf16", "cuda", distributed="FSDP")
+    quantize.check("nf4", "bf16", "cpu", distributed="MULTI_CPU")  # bf16 compute runs on CPU, DDP too
+    quantize.check("none", "fp16", "cpu", distributed="FSDP")  # nothing to refuse without quantization
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # how Python marks a module as not importable
     with pytest.raises(QuantizeError, match=r"needs bitsandbytes.*milora\[quant\]"):
         quantize.check("int8", "fp32", "cpu")
@@ -126,12 +128,11 @@ def test_the_nf4_recipe_is_the_paper_recipe_on_a_4_bit_base():
     assert differences == {("model", "quantize"), ("train", "gradient_checkpointing"), ("output", "dir")}
 
 
-def tiny_nf4_recipe(model_dir: str, data: str, out: Path, gradient_checkpointing: bool = False) -> dict:
+def tiny_nf4_recipe(model_dir: str, data: str, out: Path, **train_overrides) -> dict:
     return {"model": {"name_or_path": model_dir, "quantize": "nf4"},
             "adapter": {"r": 4, "dropout": 0.0, "target_modules": "all-linear"},
             "data": {"path": data, "val_size": 0, "max_length": 64},
-            "train": {"max_steps": 3, "lr": 1e-2, "warmup_steps": 0, "micro_batch_size": 4, "eval_every": None,
-                      "gradient_checkpointing": gradient_checkpointing},
+            "train": {"max_steps": 3, "lr": 1e-2, "warmup_steps": 0, "micro_batch_size": 4, "eval_every": None, **train_overrides},
             "output": {"dir": str(out), "tensorboard": False}}
 
 
@@ -144,10 +145,22 @@ def tiny_nf4_run(tmp_path_factory, tiny64_model_dir, tiny_data) -> Path:
 
 def test_gradient_checkpointing_trains_the_same_adapter_on_a_4_bit_base(tiny_nf4_run, tiny64_model_dir, tiny_data, tmp_path):
     """The nf4 recipe fits 16 GB with checkpointing only (README): it must not change what trains."""
-    train(validate(tiny_nf4_recipe(tiny64_model_dir, tiny_data, tmp_path / "ckpt", True)), Console(quiet=True))
+    train(validate(tiny_nf4_recipe(tiny64_model_dir, tiny_data, tmp_path / "ckpt", gradient_checkpointing=True)), Console(quiet=True))
     plain, checkpointed = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (tiny_nf4_run, tmp_path / "ckpt"))
     assert plain.keys() == checkpointed.keys()
     assert all(rel_max_error(checkpointed[key], plain[key]) < 1e-5 for key in plain)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_a_4_bit_base_as_one_process_with_twice_the_batch(tiny_nf4_run, tiny64_model_dir, tiny_data, tmp_path):
+    """Why several processes are not refused: DDP over a bitsandbytes base trains the same adapter."""
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_nf4_recipe(tiny64_model_dir, tiny_data, tmp_path / "two", micro_batch_size=2)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "milora_cli", "train", str(recipe)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (tiny_nf4_run, tmp_path / "two"))
+    assert max(rel_max_error(two[key], one[key]) for key in one) < 1e-4
 
 
 def test_eval_scores_a_run_as_trained_on_its_quantized_base(tiny_nf4_run):
