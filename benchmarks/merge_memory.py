@@ -98,7 +98,7 @@ def build_adapter(folder: Path, base: Path, layers: int, rank: int, dtype: str) 
     import torch
 
     from milora_cli import adapter_folder, dtypes, models, shards
-    from milora_cli.merge import LazyWeights
+    from milora_cli.shards import LazyWeights
 
     index = shards.read_index(base)
     names = [f"model.layers.{i}.{target}" for i in range(layers) for target in TARGETS]

@@ -52,7 +52,8 @@ class MiloraLinear(nn.Module):
 
     def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float):
         super().__init__()
-        out_features, in_features = base_layer.weight.shape
+        # Not weight.shape: a bitsandbytes 4-bit layer stores its weight packed, two values a byte.
+        out_features, in_features = base_layer.out_features, base_layer.in_features
         if not 0 < r <= min(out_features, in_features):
             raise ModelError(f"adapter.r={r} is out of range for a {out_features}x{in_features} layer")
         device = base_layer.weight.device
@@ -140,15 +141,20 @@ def initial_factors(
     svd_dtype: SvdDtype,
     svd_driver: SvdDriver,
     generator: torch.Generator | None = None,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A0, B0) of one layer: SVD components for milora/pissa, Kaiming-uniform A and zero B for lora."""
-    weight = layer.base_layer.weight
+    """(A0, B0) of one layer: SVD components for milora/pissa, Kaiming-uniform A and zero B for lora.
+
+    `weight`: the full-precision weight to decompose when the layer's own is quantized (quantize.py).
+    """
+    in_features, out_features = layer.lora_A.in_features, layer.lora_B.out_features
     if init == "lora":
-        lora_A = torch.empty(layer.r, weight.shape[1])
+        lora_A = torch.empty(layer.r, in_features)
         # PEFT's default LoRA init: kaiming_uniform_(a=sqrt(5)) has bound 1/sqrt(in_features).
-        bound = 1.0 / math.sqrt(weight.shape[1])
+        bound = 1.0 / math.sqrt(in_features)
         lora_A.uniform_(-bound, bound, generator=generator)
-        return lora_A, torch.zeros(weight.shape[0], layer.r)
+        return lora_A, torch.zeros(out_features, layer.r)
+    weight = layer.base_layer.weight if weight is None else weight
     return svd.init_factors(weight, layer.r, layer.scaling, _SVD_COMPONENTS[init], svd_dtype, svd_driver)
 
 
@@ -194,5 +200,6 @@ def load_adapter_tensors(
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; frozen initial factors are buffers and count in neither."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # bitsandbytes' 4-bit parameters hold two weights a byte: count weights, not bytes
+    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
     return trainable, total

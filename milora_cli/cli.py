@@ -15,6 +15,7 @@ from milora_cli.errors import MiloraError
 from milora_cli.recipe import DEFAULT_SHARD_SIZE
 from milora_cli.recipe import Dtype as DtypeName
 from milora_cli.recipe import MergeFormat as MergeFormatName
+from milora_cli.recipe import Quantize as QuantizeName
 
 app = typer.Typer(
     help="Fine-tune LLMs with MiLoRA: LoRA adapters initialised from the minor singular components.",
@@ -81,6 +82,9 @@ def _choices(name: str, literal: Any) -> type[enum.Enum]:
 
 MergeFormat = _choices("MergeFormat", MergeFormatName)
 Dtype = _choices("Dtype", DtypeName)
+
+
+QuantizeChoice = _choices("QuantizeChoice", QuantizeName)
 
 
 @app.command()
@@ -168,6 +172,10 @@ def eval_(
         int | None, typer.Option(help="Tokens generated per example. Default: 32 commonsense, 512 GSM8K/MATH.", show_default=False)
     ] = None,
     dtype: Annotated[Dtype | None, typer.Option(help="dtype of the model. Default: a run's base dtype, else fp32.", show_default=False)] = None,
+    quantize: Annotated[
+        QuantizeChoice | None,
+        typer.Option(help="Hold the base in nf4/fp4/int8 (bitsandbytes) or not (none). Default: a run's as trained, else none.", show_default=False),
+    ] = None,
     output: Annotated[Path, typer.Option(help="Results folder; an existing one of the same settings resumes.")] = Path("out/eval"),
 ) -> None:
     """Score a model or a run on the paper's benchmarks: per-example JSONL, summary JSON and a table. Resumes."""
@@ -186,7 +194,7 @@ def eval_(
             "math_max_new_tokens": max_new_tokens,
         }
     )
-    run_eval(model_or_run, cfg, output, dtype.value if dtype else None, console)
+    run_eval(model_or_run, cfg, output, dtype.value if dtype else None, console, quantize.value if quantize else None)
 
 
 def main() -> None:  # pragma: no cover - `python -m milora_cli`

@@ -27,3 +27,7 @@ class InspectError(MiloraError):
 
 class EvalError(MiloraError):
     """A benchmark cannot be run as asked (unknown task, missing data, an output folder of other settings)."""
+
+
+class QuantizeError(MiloraError):
+    """`model.quantize` cannot run here: bitsandbytes missing, or a combination it does not support."""

@@ -7,6 +7,8 @@ A milora layer computes y = W x + s (B A - B0 A0) x (adapter.py), so the learned
 merged: W' = W + dW, computed in float32, cast to the output dtype; every other tensor copied (and cast).
 peft:   a LoRA of rank 2r, A' = [A ; A0] (2r, in), B' = [B | -B0] (out, 2r), lora_alpha doubled so that the
         scaling alpha'/r' is unchanged. Plain LoRA runs (B0 = 0) stay rank r: A and B as they are.
+A run on a quantized base (quantize.py) trained Q(W) x + s (B A - B0 A0) x: dW does not involve Q, so it goes
+onto the original full-precision W like any other run's, and the merge says so.
 
 The base is never built as a model: its tensors stream one at a time from its safetensors files into the
 output's (shards.py), so the peak memory is about one tensor plus the adapter, whatever the shard sizes.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,17 +62,19 @@ def merge(
     else:
         tensors = shards.read_index(base_folder)
         check_base(tensors, _trained_on(meta, base_folder), shapes, name)
-        seen = models.weights_fingerprint(LazyWeights(tensors, layers, dtypes.TORCH[meta["base_dtype"]]))
+        seen = models.weights_fingerprint(shards.LazyWeights(tensors, layers, dtypes.TORCH[meta["base_dtype"]]))
         if seen != meta["base_fingerprint"]:
             console.print(
                 f"[yellow]warning:[/] the weights of {name} differ from those the adapter was trained on (fingerprint "
                 f"{seen}, trained on {meta['base_fingerprint']}): another revision or dtype of the architecture? "
                 "The export is exact for this base, but the adapter was not trained on it"
             )
+    quantized = _note_quantized(meta, name, console)
     source = base_folder / models.SOURCE_FILE if base_folder else None
     provenance = {
         "format": fmt, "adapter": str(folder.resolve()), "init": meta["init"], "r": meta["r"], "lora_alpha": meta["lora_alpha"],
         "step": meta.get("step"), "base_model": name, "revision": revision, "base_fingerprint": meta["base_fingerprint"],
+        "trained_on_quantize": quantized,
         # A base converted by milora (the embedded GGUF model) is noted, not copied: the merge is not that file.
         "derived_from": json.loads(source.read_text()) if source and source.is_file() else None, "versions": versions(),
     }
@@ -85,6 +89,15 @@ def merge(
         (tmp / "README.md").write_text(_readme(provenance))
     console.print(f"{what} written to [bold]{output}[/]")
     return output
+
+
+def _note_quantized(meta: dict[str, Any], name: str, console: Console) -> str:
+    """The quantization the run trained its base in; for a quantized one, say where the update goes."""
+    quantized = meta.get("base_quantize", "none")
+    if quantized != "none":
+        console.print(f"the run trained on a {quantized} base; its update dW = s (B A - B0 A0) does not depend on the "
+                      f"quantization and goes onto the original full-precision weights of {name}")
+    return quantized
 
 
 def locate_adapter(path: Path) -> Path:
@@ -157,22 +170,6 @@ def _trained_on(meta: dict[str, Any], base_folder: Path) -> dict[str, shards.Ten
         return shards.read_index(recorded)
     except ModelError:  # a recorded base that is no longer readable: check the adapted weights only
         return None
-
-
-class LazyWeights(Mapping):
-    """{layer: base weight in `dtype`}, read on access: fingerprinting holds one weight at a time."""
-
-    def __init__(self, tensors: dict[str, shards.TensorInfo], layers: list[str], dtype: torch.dtype):
-        self.tensors, self.layers, self.dtype = tensors, layers, dtype
-
-    def __getitem__(self, layer: str) -> torch.Tensor:
-        return next(shards.read_tensors(self.tensors, [f"{layer}.weight"])).to(self.dtype)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
 
 
 def write_merged(

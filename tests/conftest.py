@@ -46,16 +46,26 @@ TINY_RECORDS = [
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_path) -> str:
     """A tiny seeded Llama with SmolLM2's real tokenizer, saved as a plain local HF folder."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_path, hidden_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny64_model_dir(tmp_path_factory, smollm2_path) -> str:
+    """The tiny Llama at hidden size 64: bitsandbytes' CPU 4-bit kernels need in_features of whole 64-blocks."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny64-llama"), smollm2_path, hidden_size=64)
+
+
+def save_tiny_llama(folder, smollm2_path: str, hidden_size: int) -> str:
+    """A seeded 2-layer Llama of `hidden_size` (MLP twice as wide) with SmolLM2's tokenizer, saved in `folder`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from milora_cli import models
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = models.load_tokenizer(smollm2_path)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )

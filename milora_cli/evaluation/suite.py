@@ -29,41 +29,55 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from milora_cli import adapter, adapter_folder, atomic, models
-from milora_cli import merge
+from milora_cli import adapter, adapter_folder, atomic, merge, models, quantize
 from milora_cli.evaluation import generate, tasks
 from milora_cli.errors import EvalError
-from milora_cli.recipe import EvalConfig
+from milora_cli.recipe import EvalConfig, Quantize
 from milora_cli.runlog import bar_columns
 
 RESULTS_FILE, SUMMARY_FILE, SETTINGS_FILE = "predictions.jsonl", "summary.json", "settings.json"
 
 
-def run(model_or_run: str, cfg: EvalConfig, output: Path, dtype: str | None, console: Console) -> dict[str, Any]:
+def run(model_or_run: str, cfg: EvalConfig, output: Path, dtype: str | None, console: Console,
+        quantized: Quantize | None = None) -> dict[str, Any]:
     """Load MODEL_OR_RUN and score it on cfg.tasks into `output`; returns the summary."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, identity = load(model_or_run, dtype, device, console)
+    model, tokenizer, identity = load(model_or_run, dtype, device, console, quantized)
     return evaluate_model(model, tokenizer, cfg, output, identity, console)
 
 
-def load(name: str, dtype: str | None, device: str, console: Console) -> tuple[Any, Any, str]:
-    """(model, tokenizer, identity): a run or adapter folder is its base with the adapter injected, unmerged."""
+def load(name: str, dtype: str | None, device: str, console: Console, quantized: Quantize | None = None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, identity): a run or adapter folder is its base with the adapter injected, unmerged.
+
+    A run is scored as it trained: on its base quantized as in training, unless `quantized` says otherwise.
+    """
     folder = adapter_folder.find_adapter(Path(name).expanduser())
     if folder is None:
-        resolved = models.resolve(name)
-        model = models.load_model(resolved, dtype or "fp32", device=device)
-        identity = f"{Path(resolved).resolve() if Path(resolved).is_dir() else resolved} [{dtype or 'fp32'}]"
+        resolved, (dtype, quantized) = models.resolve(name), (dtype or "fp32", quantized or "none")
+        model = _load_base(resolved, dtype, None, device, quantized)
+        identity = f"{Path(resolved).resolve() if Path(resolved).is_dir() else resolved} [{_storage(dtype, quantized)}]"
         return model, models.load_tokenizer(resolved), identity
     trained, initial, meta = adapter_folder.read_adapter(folder)
     base, revision, _ = merge.locate_base(None, meta, download=False)
-    model = models.load_model(base, dtype or meta["base_dtype"], revision, device=device)
+    compute, quantized = dtype or meta["base_dtype"], quantized or meta.get("base_quantize", "none")
+    model = _load_base(base, compute, revision, device, quantized)
     adapters = adapter.inject(model, meta["target_modules"], meta["r"], meta["lora_alpha"], 0.0)
-    seen = models.weights_fingerprint({layer: module.base_layer.weight for layer, module in adapters.items()})
+    seen = models.weights_fingerprint(quantize.full_precision_weights(adapters, quantized, base, revision, compute))
     if dtype is None and seen != meta["base_fingerprint"]:
         console.print(f"[yellow]warning:[/] the weights of {base} differ from those the adapter was trained on")
     adapter.load_adapter_tensors(adapters, trained, initial)
-    identity = f"{folder.resolve()} ({meta['init']} r={meta['r']}, step {meta.get('step')}) on {base} [{dtype or meta['base_dtype']}]"
+    identity = f"{folder.resolve()} ({meta['init']} r={meta['r']}, step {meta.get('step')}) on {base} [{_storage(compute, quantized)}]"
     return model.eval(), models.load_tokenizer(base, revision), identity
+
+
+def _load_base(path: str, dtype: str, revision: str | None, device: str, quantized: Quantize):
+    quantize.check(quantized, dtype, torch.device(device).type)
+    return quantize.load_model(path, dtype, quantized, revision, device=device)
+
+
+def _storage(dtype: str, quantized: Quantize) -> str:
+    """How the base is held, for the identity of the scores: `fp32`, or `nf4, fp32 compute`."""
+    return dtype if quantized == "none" else f"{quantized}, {dtype} compute"
 
 
 def evaluate_model(

@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from rich.console import Console
 
-from milora_cli import adapter, models
+from milora_cli import adapter, models, quantize
 from milora_cli.data import records, tokens
 from milora_cli.errors import RecipeError
 from milora_cli.recipe import Recipe, dump_recipe
@@ -34,11 +34,13 @@ class Setup:
     model_path: str
 
 
-def build(recipe: Recipe, device: torch.device | str) -> Setup:
+def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO") -> Setup:
     """Load the model and tokenizer, inject adapters (not yet initialised), tokenise the data."""
-    path = models.resolve(recipe.model.name_or_path)
-    tokenizer = models.load_tokenizer(path, recipe.model.revision, recipe.model.trust_remote_code)
-    model = models.load_model(path, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code, device)
+    cfg = recipe.model
+    quantize.check(cfg.quantize, cfg.dtype, torch.device(device).type, distributed)
+    path = models.resolve(cfg.name_or_path)
+    tokenizer = models.load_tokenizer(path, cfg.revision, cfg.trust_remote_code)
+    model = quantize.load_model(path, cfg.dtype, cfg.quantize, cfg.revision, cfg.trust_remote_code, device)
     names = adapter.find_targets(model, recipe.adapter.target_modules)
     adapters = adapter.inject(model, names, recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout)
     train_examples, val_examples = records.load_records(recipe.data, recipe.train.seed)
@@ -81,9 +83,13 @@ def initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console: 
     note = models.quantisation_note(setup.model_path)
     if note:
         console.print(f"[yellow]note:[/] {recipe.model.name_or_path}: {note}")
+    model_cfg = recipe.model
+    if model_cfg.quantize != "none":
+        console.print(f"{model_cfg.quantize} base: the initial factors come from the full-precision weights of {setup.model_path}")
     start = time.perf_counter()
+    weights = quantize.full_precision_weights(setup.adapters, model_cfg.quantize, setup.model_path, model_cfg.revision, model_cfg.dtype)
     report = init_cache.initialise(setup.adapters, recipe.adapter, seed=recipe.train.seed, use_cache=recipe.adapter.cache_factors,
-                                   rank=accelerator.process_index, world=accelerator.num_processes)
+                                   rank=accelerator.process_index, world=accelerator.num_processes, weights=weights)
     seconds = time.perf_counter() - start
     trainable, total = adapter.count_parameters(setup.model)
     console.print(
@@ -91,13 +97,12 @@ def initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console: 
         f"{accelerator.device}{report.describe(accelerator.num_processes)}; "
         f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)"
     )
-    base_weights = {name: layer.base_layer.weight for name, layer in setup.adapters.items()}
     meta = {
         "init": recipe.adapter.init, "r": recipe.adapter.r, "lora_alpha": recipe.adapter.alpha,
         "scaling": recipe.adapter.alpha / recipe.adapter.r, "lora_dropout": recipe.adapter.dropout,
         "target_modules": list(setup.adapters), "base_model": recipe.model.name_or_path,
         "base_model_path": setup.model_path, "revision": recipe.model.revision, "base_dtype": recipe.model.dtype,
-        "base_fingerprint": models.weights_fingerprint(base_weights),
+        "base_quantize": model_cfg.quantize, "base_fingerprint": models.weights_fingerprint(weights),
     }
     summary = {"run_dir": recipe.output.dir, "init_seconds": seconds, "init_decomposed": report.computed,
                "init_from_cache": report.cached, "trainable": trainable, "total": total}

@@ -15,6 +15,7 @@ whose key or shapes differ, is recomputed and replaced.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +51,9 @@ def cache_dir() -> Path:
     return models.cache_root() / "factors"
 
 
-def cache_key(layer: adapter.MiloraLinear, cfg: AdapterConfig) -> str:
+def cache_key(layer: adapter.MiloraLinear, cfg: AdapterConfig, weight: torch.Tensor) -> str:
     """Everything the factors depend on; the scaling alpha / r enters A0 and B0 as sqrt(S / s)."""
-    digest = models.tensor_digest(layer.base_layer.weight)
+    digest = models.tensor_digest(weight)
     return f"{FORMAT}|{digest}|init={cfg.init}|r={layer.r}|alpha={layer.lora_alpha}|{cfg.svd_driver}|{cfg.svd_dtype}"
 
 
@@ -80,15 +81,15 @@ def write_cached(path: Path, key: str, factors: Factors) -> None:
     atomic.save_file_atomic(path, {"lora_A": lora_A, "lora_B": lora_B}, metadata={"format": FORMAT, "key": key})
 
 
-def _own_factors(layer: adapter.MiloraLinear, cfg: AdapterConfig, use_cache: bool) -> tuple[Factors, bool]:
-    """(factors, from_cache) of one layer this process is responsible for."""
+def _own_factors(layer: adapter.MiloraLinear, cfg: AdapterConfig, use_cache: bool, weight: torch.Tensor) -> tuple[Factors, bool]:
+    """(factors, from_cache) of one layer this process is responsible for, decomposing `weight`."""
     if use_cache:
-        key = cache_key(layer, cfg)
+        key = cache_key(layer, cfg, weight)
         path = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.safetensors"
         cached = read_cached(path, key, layer)
         if cached is not None:
             return cached, True
-    lora_A, lora_B = adapter.initial_factors(layer, cfg.init, cfg.svd_dtype, cfg.svd_driver)
+    lora_A, lora_B = adapter.initial_factors(layer, cfg.init, cfg.svd_dtype, cfg.svd_driver, weight=weight)
     factors = (lora_A.float(), lora_B.float())  # what the layer holds; the cache stores exactly that
     if use_cache:
         write_cached(path, key, factors)
@@ -96,8 +97,12 @@ def _own_factors(layer: adapter.MiloraLinear, cfg: AdapterConfig, use_cache: boo
 
 
 def initialise(adapters: dict[str, adapter.MiloraLinear], cfg: AdapterConfig, *, seed: int, use_cache: bool,
-               rank: int = 0, world: int = 1) -> InitReport:
-    """Set every adapter's initial factors; the SVD inits decomposed once per layer over all processes."""
+               rank: int = 0, world: int = 1, weights: Mapping[str, torch.Tensor] | None = None) -> InitReport:
+    """Set every adapter's initial factors; the SVD inits decomposed once per layer over all processes.
+
+    `weights`: {layer: full-precision weight} to decompose instead of the layers' own (a quantized base);
+    the same weights give the same cache keys, so a quantized and an unquantized run share the cache.
+    """
     if cfg.init == "lora":  # random A, zero B from the seed: the same on every rank, nothing to share
         adapter.initialise(adapters, cfg.init, cfg.svd_dtype, cfg.svd_driver, seed)
         return InitReport(0, 0, 0)
@@ -107,7 +112,9 @@ def initialise(adapters: dict[str, adapter.MiloraLinear], cfg: AdapterConfig, *,
     counts = torch.zeros(2, dtype=torch.int64)  # (computed, cached)
     for i, name in enumerate(names):
         if i % world == rank:
-            owned[name], hit = _own_factors(adapters[name], cfg, use_cache)
+            layer = adapters[name]
+            weight = layer.base_layer.weight if weights is None else weights[name].to(layer.lora_A0.device)
+            owned[name], hit = _own_factors(layer, cfg, use_cache, weight)
             counts[int(hit)] += 1
     mine = int(counts[0])
     # 2. every layer's factors from its owner to all ranks, then into the layers

@@ -67,7 +67,7 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         return {"complete": True, "run_dir": str(run.path)}
     set_seed(recipe.train.seed)
     # 2. model, adapters, data, initial factors; a fresh run folder is written only once they load
-    setup = build(recipe, accelerator.device)
+    setup = build(recipe, accelerator.device, accelerator.distributed_type.value)
     if resume_from is None:
         run.start()
     console.print(data_line(recipe, setup))

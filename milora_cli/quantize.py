@@ -1,0 +1,129 @@
+"""A quantized frozen base (bitsandbytes, through transformers' BitsAndBytesConfig), factors from full precision.
+
+    model.quantize   the frozen base's linear layers (embeddings and lm_head stay in model.dtype)
+    none             model.dtype
+    nf4              4-bit NormalFloat (QLoRA's): blocks of 64 weights share an fp32 scale, 4.5 bits a weight
+    fp4              4-bit float, the same layout
+    int8             LLM.int8(): 8-bit rows, outlier features in fp16
+
+Every adapted layer computes Q(W) x + s (B A - B0 A0) x (adapter.py), so at init the correction is exactly
+zero and the model computes the quantized base's function bit for bit; the factors, A0 and B0 stay fp32.
+
+A0 and B0 are decomposed from W itself, read tensor by tensor from the checkpoint's safetensors files, never
+from Q(W): for 4 bits the error W - Q(W) is about as large as W's minor components, so the minor components
+of Q(W) are mostly quantization noise. The same W gives the same factor-cache key as an unquantized run in
+the same dtype, so the cache serves both. dW = s (B A - B0 A0) does not involve Q: a merge or a PEFT export
+goes onto the original full-precision base (merge.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from milora_cli import dtypes, models, shards
+from milora_cli.errors import QuantizeError
+from milora_cli.recipe import Quantize
+
+INSTALL = "pip install 'milora[quant]' (bitsandbytes>=0.50.2)"
+_BNB: dict[str, dict[str, Any]] = {
+    "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+    "fp4": {"load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+    "int8": {"load_in_8bit": True},
+}
+
+
+# Accelerate's distributed types that shard parameters: they would split bitsandbytes' packed weights.
+_SHARDING = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
+
+
+def check(quantize: Quantize, dtype: str, device_type: str, distributed: str = "NO") -> None:
+    """Refuse, before anything loads, a quantized base that cannot run here: one line, what to change.
+
+    `distributed`: accelerate's DistributedType value. DDP (MULTI_CPU, MULTI_GPU) runs: 2 gloo processes
+    train the adapter of 1 process with twice the batch (tests/test_quantize.py).
+    """
+    if quantize == "none":
+        return
+    what = f"model.quantize={quantize}"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizeError(f"{what} needs bitsandbytes, which is not installed: {INSTALL}")
+    if dtype == "fp16" and device_type == "cpu":
+        # bitsandbytes' CPU kernels have no fp16 path worth the name (a step of SmolLM2-135M took minutes)
+        raise QuantizeError(f"{what} with model.dtype=fp16 on a CPU: use model.dtype=fp32 or bf16 (fp16 compute is for GPUs)")
+    if distributed in _SHARDING:
+        raise QuantizeError(
+            f"{what} under {distributed}: milora does not shard bitsandbytes' packed weights; train a quantized base "
+            "in one process or under DDP (configs/ddp.yaml, torchrun), or set model.quantize=none"
+        )
+
+
+def load_model(path: str, dtype: str, quantized: Quantize, revision: str | None = None, trust_remote_code: bool = False,
+               device: str | torch.device = "cpu"):
+    """models.load_model with the base quantized as it loads (`none`: as it is)."""
+    model = models.load_model(path, dtype, revision, trust_remote_code, device, bnb_config(quantized, dtype))
+    if quantized == "none":
+        return model
+    for module in model.modules():
+        # At its first eval-mode forward on a CPU, bitsandbytes repacks a 4-bit weight for an AVX512-BF16 kernel
+        # that computes in bf16 and has no backward: the gradients through the frozen base would silently vanish
+        # after the first held-out score, and eval would score another function than the one trained.
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    if torch.device(device).type == "cpu":
+        _own_memory(model)
+    return model
+
+
+def _own_memory(model: torch.nn.Module) -> None:
+    """Copy the unquantized tensors (embeddings, norms) out of the checkpoint's memory map.
+
+    On CPU they are views of the mapped file, and while one view lives the whole mapping stays resident:
+    every page that quantizing read (the full-precision weights, ~0.4 GB for SmolLM2) counted in the
+    process's memory for the whole run.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if type(tensor).__name__ not in ("Params4bit", "Int8Params"):
+                tensor.data = tensor.data.clone()
+
+
+def bnb_config(quantize: Quantize, dtype: str):
+    """transformers' BitsAndBytesConfig of `quantize`, computing in `dtype`; None for `none`."""
+    if quantize == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**_BNB[quantize], bnb_4bit_compute_dtype=dtypes.TORCH[dtype])
+
+
+def full_precision_weights(
+    adapters: Mapping[str, Any], quantize: Quantize, model_path: str, revision: str | None, dtype: str
+) -> Mapping[str, torch.Tensor]:
+    """{layer: W in `dtype`}: the layers' own weights, or for a quantized base the checkpoint's, read one at a time."""
+    if quantize == "none":
+        return {name: layer.base_layer.weight for name, layer in adapters.items()}
+    tensors = shards.read_index(checkpoint_folder(model_path, revision))
+    for name, layer in adapters.items():
+        info = tensors.get(f"{name}.weight")
+        expected = (layer.lora_B.out_features, layer.lora_A.in_features)
+        if info is None or info.dtype not in dtypes.FLOATING or info.shape != expected:
+            seen = "absent" if info is None else f"{info.dtype} of shape {list(info.shape)}"
+            raise QuantizeError(
+                f"model.quantize={quantize} decomposes the checkpoint's full-precision weights, but its '{name}.weight' is "
+                f"{seen} (expected floats of shape {list(expected)}); use an unquantized checkpoint of the model"
+            )
+    return shards.LazyWeights(tensors, list(adapters), dtypes.TORCH[dtype])
+
+
+def checkpoint_folder(model_path: str, revision: str | None) -> Path:
+    """The local folder of a resolved model: itself, or the snapshot of a hub id (from_pretrained fetched it)."""
+    if Path(model_path).is_dir():
+        return Path(model_path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model_path, revision=revision, allow_patterns=["*.json", "*.safetensors"]))
