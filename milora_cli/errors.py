@@ -27,3 +27,7 @@ class InspectError(MiloraError):
 
 class EvalError(MiloraError):
     """A benchmark cannot be run as asked (unknown task, missing data, an output folder of other settings)."""
+
+
+class HubError(MiloraError):
+    """A hub model or dataset id that is neither in the local cache nor fetchable from the hub."""

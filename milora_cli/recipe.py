@@ -33,6 +33,9 @@ class ModelConfig(_Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="dtype of the frozen base weights.")
     trust_remote_code: bool = Field(False, description="Run the model repository's own Python code (only if you trust it).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel: sdpa (PyTorch's fused attention), eager, or flash_attention_2 (needs flash-attn, CUDA, bf16/fp16)."
+    )
 
 
 class AdapterConfig(_Section):
