@@ -134,12 +134,12 @@ def svd_inspect(
 def eval_(
     model_or_run: Annotated[str, typer.Argument(help="Model folder, hub id or smollm2-135m; a merged folder; or a run dir / adapter folder (base + adapter, unmerged).", show_default=False)],
     tasks: Annotated[str, typer.Option(help="Comma-separated: boolq,piqa,social_i_qa,hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa,gsm8k,math,math500,wikitext.", show_default=False)],
-    data_dir: Annotated[str | None, typer.Option(help="Task data laid out like ../shared/data. Default: the hub.", show_default=False)] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Task data laid out like ../shared/data: a folder, or a hub dataset id holding the same files. Default: each task's public hub dataset (gsm8k, math500, wikitext).", show_default=False)] = None,
     limit: Annotated[int | None, typer.Option(help="First N examples per task (WikiText: N windows). Default: all.", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch. Default: 16.", show_default=False)] = None,
     num_beams: Annotated[int | None, typer.Option(help="Beam search width; 1 (the default) is greedy.", show_default=False)] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens generated per example. Default: 32 commonsense, 512 GSM8K/MATH.", show_default=False)] = None,
-    dtype: Annotated[Dtype | None, typer.Option(help="dtype of the model. Default: a run's base dtype, else fp32.", show_default=False)] = None,
+    dtype: Annotated[Dtype | None, typer.Option(help="dtype of the model. Default: a run's base dtype, else the dtype the model was saved in.", show_default=False)] = None,
     output: Annotated[Path, typer.Option(help="Results folder; an existing one of the same settings resumes.")] = Path("out/eval"),
 ) -> None:
     """Score a model or a run on the paper's benchmarks: per-example JSONL, summary JSON and a table. Resumes."""

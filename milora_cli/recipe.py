@@ -107,7 +107,7 @@ class TrainConfig(_Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="Autocast dtype; auto = bf16 on a GPU that has it, none on CPU."
+        "auto", description="Autocast dtype; auto = the base's own 16-bit dtype on a GPU (none for an fp32 base, none on CPU); another dtype than the base's is refused."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes); pays off on long GPU runs.")
@@ -132,7 +132,7 @@ class EvalConfig(_Section):
     tasks: list[BenchmarkTask] = Field(
         default_factory=list, description="Benchmarks scored after training, as `milora eval` scores them (empty: none)."
     )
-    data_dir: str | None = Field(None, description="Benchmark data laid out like ../shared/data; null: the hub.")
+    data_dir: str | None = Field(None, description="Benchmark data laid out like ../shared/data (a folder or a hub dataset id); null: each task's public hub dataset.")
     limit: int | None = Field(None, ge=1, description="First examples per benchmark task (WikiText: windows); null: all.")
     every: int | None = Field(None, ge=1, description="Also run the benchmarks every this many training steps; null: after training only.")
     num_beams: int = Field(1, ge=1, description="Beams of benchmark generation; 1 is greedy (the commonsense reference uses 4).")
