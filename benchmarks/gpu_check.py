@@ -101,19 +101,31 @@ def minor_error(layers: dict[str, adapter.MiloraLinear], r: int) -> float:
     return worst
 
 
-def milora_run(args, device: str, data) -> dict[str, float | str]:
-    """(a) milora init, (c) logits at init, (b) milora's training step, (d) the merge; one model."""
+def initialised(args, device: str, probe: torch.Tensor, init) -> tuple[torch.nn.Module, float, str]:
+    """A fresh model, `init(model) -> adapted model` timed, and whether its logits at init are the base's bit for bit."""
     model = build(args.shape, device, args.layers)
-    probe = data[0][0]["input_ids"].to(device)
     with torch.no_grad():
         base = model(probe).logits
-    names = adapter.find_targets(model, DEFAULT_TARGETS)
-    layers = adapter.inject(model, names, args.rank, float(args.rank), 0.05)
-    seconds = timed(lambda: adapter.initialise(layers, "milora", "float64", "gram", seed=0), device)
+    holder = {}
+    seconds = timed(lambda: holder.setdefault("model", init(model)), device)
     with torch.no_grad():
-        exact = torch.equal(model.eval()(probe).logits, base)
+        exact = torch.equal(holder["model"].eval()(probe).logits, base)
+    return holder["model"], seconds, "yes" if exact else "no"
+
+
+def milora_run(args, device: str, data) -> dict[str, float | str]:
+    """(a) milora init, (c) logits at init, (b) milora's training step, (d) the merge; one model."""
+    probe, layers = data[0][0]["input_ids"].to(device), {}
+
+    def init(model):
+        names = adapter.find_targets(model, DEFAULT_TARGETS)
+        layers.update(adapter.inject(model, names, args.rank, float(args.rank), 0.05))
+        adapter.initialise(layers, "milora", "float64", "gram", seed=0)
+        return model
+
+    model, seconds, exact = initialised(args, device, probe, init)
     first = {name: layer for name, layer in layers.items() if ".layers.0." in name}
-    row = {"init_s": seconds, "minor_err": minor_error(first, args.rank), "exact": "yes" if exact else "NO"}
+    row = {"init_s": seconds, "minor_err": minor_error(first, args.rank), "exact": exact}
     accelerator = Accelerator(mixed_precision=autocast_dtype("auto", "bf16", device == "cuda"), cpu=device == "cpu")
     loss = CausalLMLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -125,25 +137,17 @@ def milora_run(args, device: str, data) -> dict[str, float | str]:
         optimizer.zero_grad(set_to_none=True)
 
     row |= train(model, step, data, device)
-    row |= merge_check(model, layers, probe, device)
-    return row
+    return row | merge_check(model, layers, probe, device)
 
 
 def peft_run(args, device: str, data) -> dict[str, float | str]:
-    """(a) PEFT's PiSSA init, (c) its logits at init, (b) the same batches in a plain loop with autocast and HF's loss."""
+    """(a) PEFT's PiSSA init, (c) its logits at init (its residual is stored rounded to bf16), (b) the same
+    batches in a plain loop with autocast and HF's loss."""
     from peft import LoraConfig, get_peft_model
 
-    model = build(args.shape, device, args.layers)
-    probe = data[0][0]["input_ids"].to(device)
-    with torch.no_grad():
-        base = model(probe).logits
     config = LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.05, target_modules=DEFAULT_TARGETS,
                         init_lora_weights="pissa", task_type="CAUSAL_LM")
-    holder = {}
-    seconds = timed(lambda: holder.setdefault("model", get_peft_model(model, config)), device)
-    model = holder["model"]
-    with torch.no_grad():
-        exact = torch.equal(model.eval()(probe).logits, base)  # PiSSA's residual is stored rounded to bf16
+    model, seconds, exact = initialised(args, device, data[0][0]["input_ids"].to(device), lambda m: get_peft_model(m, config))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-4)
     use_autocast = autocast_dtype("auto", "bf16", device == "cuda") == "bf16"
@@ -159,7 +163,7 @@ def peft_run(args, device: str, data) -> dict[str, float | str]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return {"init_s": seconds, "exact": "yes" if exact else "no"} | train(model, step, data, device)
+    return {"init_s": seconds, "exact": exact} | train(model, step, data, device)
 
 
 def train(model, step, data, device: str) -> dict[str, float]:
@@ -202,11 +206,13 @@ ROWS = [  # label, key, format, ratio milora/PEFT
 
 
 def table(ours: dict, peft: dict) -> str:
+    def cell(row: dict, key: str, fmt: str) -> str:
+        return format(row[key], fmt) if key in row and row[key] == row[key] else "-"  # NaN: no GPU memory on CPU
+
     lines = [f"{'check':<46}{'milora':>12}{'PEFT':>12}{'milora/PEFT':>13}"]
     for label, key, fmt, ratio in ROWS:
-        cell = lambda row: format(row[key], fmt) if key in row and row[key] == row[key] else "-"  # NaN: no GPU
         quotient = f"{ours[key] / peft[key]:.2f}x" if ratio and peft.get(key) == peft.get(key) else "-"
-        lines.append(f"{label:<46}{cell(ours):>12}{cell(peft):>12}{quotient:>13}")
+        lines.append(f"{label:<46}{cell(ours, key, fmt):>12}{cell(peft, key, fmt):>12}{quotient:>13}")
     return "\n".join(lines)
 
 
