@@ -112,3 +112,19 @@ def test_broken_model_folders_are_one_line(tmp_path, tiny_model_dir):
         result = milora("train", "recipes/quickstart.yaml", f"model.name_or_path={folder}", f"output.dir={tmp_path / 'o'}", env=env)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_the_real_model_by_hub_id_offline_in_eval_and_svd_inspect(smollm2_path, hf_home, tmp_path):
+    """The embedded model's converted folder as the hub repository HuggingFaceTB/SmolLM2-135M-Instruct."""
+    model_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    add_folder(hf_home, model_id, "model", Path(smollm2_path))
+    env = offline(hf_home)
+    inspected = milora("svd-inspect", model_id, "--layers", "0", "--modules", "q_proj", env=env)
+    assert inspected.returncode == 0, inspected.stderr
+    assert model_id in inspected.stdout and "1 matrices" in inspected.stdout
+    scored = milora("eval", model_id, "--tasks", "boolq", "--data-dir", BENCH_ID, "--limit", "2", "--max-new-tokens", "4",
+                    "--output", str(tmp_path / "eval"), env=env)
+    assert scored.returncode == 0, scored.stderr
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["model"] == f"{model_id} [fp32]" and summary["tasks"]["boolq"]["examples"] == 2
