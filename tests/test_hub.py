@@ -100,6 +100,15 @@ def test_an_id_neither_cached_nor_reachable_is_one_line_within_seconds(endpoint,
         assert seconds < 10, (args, seconds)
 
 
+def test_tasks_without_a_public_hub_dataset_ask_for_data_dir():
+    from milora_cli.errors import EvalError
+    from milora_cli.evaluation import tasks
+
+    for name in ("boolq", "math"):
+        with pytest.raises(EvalError, match=f"task {name}: no public hub dataset holds its data; pass --data-dir"):
+            tasks.data_files(tasks.TASKS[name], None)
+
+
 def test_broken_model_folders_are_one_line(tmp_path, tiny_model_dir):
     broken = tmp_path / "broken"
     broken.mkdir()
