@@ -40,6 +40,8 @@ class InputDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return x
+        if x.is_cuda:  # CUDA's fused dropout keeps a 1-byte mask for backward, not one of x's dtype
+            return nn.functional.dropout(x, self.p, training=True)
         keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1/(1-p), x's dtype
         return x * keep
 
@@ -82,7 +84,9 @@ class MiloraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        h = x.to(self.lora_A.weight.dtype)
+        # Under autocast the factors' matmuls run in the activation dtype anyway: an fp32 copy of x (and an
+        # fp32 dropout mask) would only cost memory. Without it, x meets the float32 factors in float32.
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(self.lora_A.weight.dtype)
         delta = self.lora_B(self.lora_A(self.lora_dropout(h)))
         if self.has_correction:
             # The same ops on equal values as the trained path, so the difference is exactly 0 at init.

@@ -164,14 +164,23 @@ def eval_(
             show_default=False,
         ),
     ],
-    data_dir: Annotated[str | None, typer.Option(help="Task data laid out like ../shared/data. Default: the hub.", show_default=False)] = None,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="Task data laid out like ../shared/data: a folder, or a hub dataset id holding the same files. "
+            "Default: each task's public hub dataset (gsm8k, math500, wikitext).",
+            show_default=False,
+        ),
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="First N examples per task (WikiText: N windows). Default: all.", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch. Default: 16.", show_default=False)] = None,
     num_beams: Annotated[int | None, typer.Option(help="Beam search width; 1 (the default) is greedy.", show_default=False)] = None,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Tokens generated per example. Default: 32 commonsense, 512 GSM8K/MATH.", show_default=False)
     ] = None,
-    dtype: Annotated[Dtype | None, typer.Option(help="dtype of the model. Default: a run's base dtype, else fp32.", show_default=False)] = None,
+    dtype: Annotated[
+        Dtype | None, typer.Option(help="dtype of the model. Default: a run's base dtype, else the dtype the model was saved in.", show_default=False)
+    ] = None,
     quantize: Annotated[
         QuantizeChoice | None,
         typer.Option(help="Hold the base in nf4/fp4/int8 (bitsandbytes) or not (none). Default: a run's as trained, else none.", show_default=False),
@@ -183,17 +192,8 @@ def eval_(
     from milora_cli.evaluation.suite import run as run_eval
 
     names = [name.strip() for name in tasks.split(",") if name.strip()]
-    cfg = eval_settings(
-        {
-            "tasks": names,
-            "data_dir": data_dir,
-            "limit": limit,
-            "batch_size": batch_size,
-            "num_beams": num_beams,
-            "choice_max_new_tokens": max_new_tokens,
-            "math_max_new_tokens": max_new_tokens,
-        }
-    )
+    cfg = eval_settings({"tasks": names, "data_dir": data_dir, "limit": limit, "batch_size": batch_size, "num_beams": num_beams,
+                         "choice_max_new_tokens": max_new_tokens, "math_max_new_tokens": max_new_tokens})
     run_eval(model_or_run, cfg, output, dtype.value if dtype else None, console, quantize.value if quantize else None)
 
 

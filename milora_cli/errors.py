@@ -31,3 +31,7 @@ class EvalError(MiloraError):
 
 class QuantizeError(MiloraError):
     """`model.quantize` cannot run here: bitsandbytes missing, or a combination it does not support."""
+
+
+class HubError(MiloraError):
+    """A hub model or dataset id that is neither in the local cache nor fetchable from the hub."""

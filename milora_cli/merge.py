@@ -128,18 +128,11 @@ def locate_base(base: str | None, meta: dict[str, Any], download: bool) -> tuple
     if base is None:
         recorded = Path(meta["base_model_path"])
         base, revision = (str(recorded), None) if recorded.is_dir() else (meta["base_model"], meta["revision"])
-    resolved = models.resolve(base)
-    if Path(resolved).is_dir():
-        return str(Path(resolved).resolve()), None, Path(resolved)
-    if not download:
-        return resolved, revision, None
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py"]
-    try:
-        return resolved, revision, Path(snapshot_download(resolved, revision=revision, allow_patterns=patterns))
-    except Exception as error:  # network, authentication, unknown repo: all a one-line user error
-        raise ModelError(f"cannot download base '{resolved}': {str(error).splitlines()[0]}") from None
+    on_hub = models.is_hub(base)
+    if on_hub and not download:
+        return base, revision, None
+    folder = Path(models.resolve(base, revision))
+    return (base, revision, folder) if on_hub else (str(folder.resolve()), None, folder)
 
 
 def check_base(

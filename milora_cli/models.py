@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from milora_cli import atomic, dtypes
+from milora_cli import atomic, dtypes, locate
 from milora_cli.errors import ModelError
 
 SOURCE_FILE = "milora_source.json"
@@ -47,20 +47,47 @@ def cache_root() -> Path:
     return Path(os.environ.get("MILORA_CACHE") or Path.home() / ".cache" / "milora")
 
 
-def resolve(name_or_path: str) -> str:
-    """A local folder path for local and embedded models; a hub id is returned unchanged."""
+def resolve(name_or_path: str, revision: str | None = None) -> str:
+    """The local folder of a model: embedded (converted once), a local folder, or a hub id's cached snapshot.
+
+    Which of the three a name is follows locate.is_local, the one rule every command uses.
+    """
     if name_or_path in EMBEDDED:
         return str(embedded_folder(name_or_path))
+    if is_hub(name_or_path):
+        return str(check_folder(locate.hub_snapshot(name_or_path, "model", revision, locate.MODEL_FILES), name_or_path))
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model folder {path} has no config.json; is it a Hugging Face model folder?")
-        return str(path)
-    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    if not path.is_dir():
         raise ModelError(
             f"model.name_or_path: '{name_or_path}' is neither a model folder, a hub id (org/name) nor one of: {', '.join(EMBEDDED)}"
         )
-    return name_or_path
+    return str(check_folder(path, name_or_path))
+
+
+def is_hub(name_or_path: str) -> bool:
+    """True for a hub id, false for an embedded model or a local path."""
+    return name_or_path not in EMBEDDED and not locate.is_local(name_or_path)
+
+
+def checkpoint_dtype(folder: str) -> str:
+    """The dtype a model folder's weights were saved in (config.json's dtype), as fp32/bf16/fp16; fp32 if unsaid."""
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    saved = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    return next((name for name in ("fp32", "bf16", "fp16") if str(dtypes.TORCH[name]).removeprefix("torch.") == saved), "fp32")
+
+
+def check_folder(path: Path, name: str) -> Path:
+    """A model folder whose config.json exists and parses; anything else is one line naming the problem."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelError(f"model folder {path} ({name}) has no config.json; is it a Hugging Face model folder?")
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelError(f"{config} is not valid JSON ({error}); re-download or repair the model folder") from None
+    if not isinstance(parsed, dict) or "model_type" not in parsed:
+        raise ModelError(f"{config} has no 'model_type'; it is not a Hugging Face model config")
+    return path
 
 
 def embedded_folder(name: str) -> Path:
@@ -111,31 +138,52 @@ def quantisation_note(folder: str) -> str | None:
 
 
 def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of a resolved model folder (a pad token set); a broken folder is a ModelError."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as error:  # missing or unreadable tokenizer files
+        raise ModelError(f"cannot load the tokenizer of '{path}': {_first_line(error)}") from None
     if tokenizer.pad_token_id is None:  # Llama-style tokenizers have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(path: str, dtype: str, revision: str | None = None, trust_remote_code: bool = False,
-               device: str | torch.device = "cpu", quantization=None):
-    """A causal LM from a resolved folder or hub id, in `dtype`, on `device`, in eval mode.
+def load_model(
+    path: str, dtype: str, revision: str | None = None, trust_remote_code: bool = False,
+    device: str | torch.device = "cpu", quantization=None, *, attn_implementation: str = "sdpa",
+):
+    """A causal LM from a resolved folder, built straight on `device` in `dtype` (no full CPU copy), in eval mode.
 
-    `quantization`: a transformers quantization config (quantize.py); such a model is quantized as it loads,
-    straight onto `device`, since it cannot be moved or cast afterwards the way a plain one is.
+    `quantization`: a transformers quantization config (quantize.py); such a model is quantized as it loads.
     """
     from transformers import AutoModelForCausalLM
 
-    placement = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": str(device)}}
+    check_attention(attn_implementation, dtype, device)
+    quantized = {} if quantization is None else {"quantization_config": quantization}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtypes.TORCH[dtype], revision=revision, trust_remote_code=trust_remote_code, **placement
+            path, dtype=dtypes.TORCH[dtype], revision=revision, trust_remote_code=trust_remote_code,
+            device_map={"": torch.device(device)}, attn_implementation=attn_implementation, **quantized,
         )
-    except OSError as error:
-        raise ModelError(f"cannot load model '{path}': {str(error).splitlines()[0]}") from None
-    return (model if quantization is not None else model.to(device)).eval()
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelError(f"cannot load model '{path}': {_first_line(error)}") from None
+    return model.eval()
+
+
+def check_attention(attn_implementation: str, dtype: str, device: str | torch.device) -> None:
+    """flash_attention_2 needs the flash-attn package, a CUDA device and a 16-bit dtype: say which is missing."""
+    if attn_implementation != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ModelError("model.attn_implementation=flash_attention_2 needs flash-attn: pip install flash-attn; or use sdpa")
+    if torch.device(device).type != "cuda" or dtype == "fp32":
+        raise ModelError(f"flash_attention_2 runs on CUDA in bf16/fp16; here device={device}, dtype={dtype}: use sdpa")
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:

@@ -50,6 +50,9 @@ class ModelConfig(_Section):
         "from the full-precision weights. Needs `pip install milora[quant]`.",
     )
     trust_remote_code: bool = Field(False, description="Run the model repository's own Python code (only if you trust it).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel: sdpa (PyTorch's fused attention), eager, or flash_attention_2 (needs flash-attn, CUDA, bf16/fp16)."
+    )
 
 
 class AdapterConfig(_Section):
@@ -127,7 +130,9 @@ class TrainConfig(_Section):
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables it.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="Autocast dtype; auto = bf16 on a GPU that has it, none on CPU."
+        "auto",
+        description="Autocast dtype; auto = the base's own 16-bit dtype on a GPU (none for an fp32 base, none on CPU); "
+        "another dtype than the base's is refused.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes); pays off on long GPU runs.")
@@ -152,7 +157,9 @@ class EvalConfig(_Section):
     tasks: list[BenchmarkTask] = Field(
         default_factory=list, description="Benchmarks scored after training, as `milora eval` scores them (empty: none)."
     )
-    data_dir: str | None = Field(None, description="Benchmark data laid out like ../shared/data; null: the hub.")
+    data_dir: str | None = Field(
+        None, description="Benchmark data laid out like ../shared/data (a folder or a hub dataset id); null: each task's public hub dataset."
+    )
     limit: int | None = Field(None, ge=1, description="First examples per benchmark task (WikiText: windows); null: all.")
     every: int | None = Field(None, ge=1, description="Also run the benchmarks every this many training steps; null: after training only.")
     num_beams: int = Field(1, ge=1, description="Beams of benchmark generation; 1 is greedy (the commonsense reference uses 4).")

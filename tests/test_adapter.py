@@ -48,6 +48,24 @@ def test_bf16_logits_at_init_are_bit_identical(init):
     assert torch.equal(model(x).logits, base)
 
 
+def test_under_autocast_the_adapter_path_stays_in_the_activation_dtype():
+    """bf16 base under bf16 autocast: no fp32 copy of the input or fp32 dropout mask per adapted layer, and
+    the logits at init are still the base's bit for bit. (CPU autocast; on CUDA the same branch runs, with
+    torch's fused dropout, which this machine cannot run.)"""
+    x = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base = tiny_llama(torch.bfloat16)(x).logits
+        model, layers = adapted("milora", torch.bfloat16, dropout=0.1)
+        assert torch.equal(model.eval()(x).logits, base)
+        seen = []
+        hooks = [layer.lora_A.register_forward_hook(lambda m, args, out: seen.append(args[0].dtype)) for layer in layers.values()]
+        model.train()
+        model(x).logits.float().sum().backward()
+    for hook in hooks:
+        hook.remove()
+    assert seen == [torch.bfloat16] * len(layers)  # the dropout's output too: its mask is bf16, not fp32
+
+
 def test_bf16_residual_form_would_not_be_exact():
     """Why we keep W and a correction: W_res = W - s B0 A0 rounded to bf16 moves the logits (the floor)."""
     x = tokens()

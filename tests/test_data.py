@@ -255,20 +255,31 @@ def test_loading_errors(tmp_path):
         load_records(make_cfg(path=str(path), val_size=3), seed=0)
 
 
-def test_hub_ids_go_to_load_dataset(monkeypatch):
-    import datasets
+def test_hub_dataset_ids_are_read_from_the_hub_cache_by_split(tmp_path, monkeypatch):
+    from hub_cache import add_repo
 
-    calls = []
+    from milora_cli.errors import HubError
 
-    def fake_load_dataset(name, split):
-        calls.append((name, split))
-        rows = [{"query": f"q{i}", "response": f"r. The answer is: {i}"} for i in range(5)]
-        return SimpleNamespace(to_list=lambda: rows)
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    train, val = load_records(make_cfg(path="meta-math/MetaMathQA", split="train", val_size=1), seed=0)
-    assert calls == [("meta-math/MetaMathQA", "train")]
-    assert len(train) == 4 and {ex.answer for ex in train + val} == {"0", "1", "2", "3", "4"}
+    rows = [{"query": f"q{i}", "response": f"r. The answer is: {i}"} for i in range(6)]
+    def line(part):
+        return "".join(json.dumps(r) + "\n" for r in part).encode()
+    add_repo(tmp_path, "org/math", "dataset", {"data/train-00000-of-00002.jsonl": line(rows[:3]),
+                                                 "data/train-00001-of-00002.jsonl": line(rows[3:5]),
+                                                 "data/test-00000-of-00001.jsonl": line(rows[5:])})
+    add_repo(tmp_path, "org/one-file", "dataset", {"commonsense_170k.json": json.dumps(rows).encode()})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    train, val = load_records(make_cfg(path="org/math", split="train", val_size=1), seed=0)
+    assert sorted(ex.answer for ex in train + val) == ["0", "1", "2", "3", "4"]  # both train shards, not test
+    train, _ = load_records(make_cfg(path="org/math", split="test", val_size=0), seed=0)
+    assert [ex.answer for ex in train] == ["5"]
+    train, val = load_records(make_cfg(path="org/one-file", val_size=2), seed=0)  # one file: the train split
+    assert len(train) == 4 and len(val) == 2
+    with pytest.raises(DataError, match="no data file for split 'validation'"):
+        load_records(make_cfg(path="org/one-file", split="validation"), seed=0)
+    with pytest.raises(HubError, match="dataset 'org/missing' is not a local path and not in the local Hugging Face cache"):
+        load_records(make_cfg(path="org/missing"), seed=0)
 
 
 def test_builtin_registry(monkeypatch):

@@ -167,13 +167,25 @@ def test_compiled_layers_train_the_same_adapter(tiny_model_dir, tiny_data, tmp_p
     assert max_rel_diff(factors(compiled / "adapter"), factors(plain / "adapter")) < 1e-3
 
 
-@pytest.mark.parametrize("dtype, mixed", [("bf16", "no"), ("fp32", "bf16")])
+@pytest.mark.parametrize("dtype, mixed", [("bf16", "no"), ("bf16", "bf16")])
 def test_bf16_base_and_bf16_autocast_train(tiny_model_dir, tiny_data, tmp_path, dtype, mixed):
     raw = tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "run", mixed_precision=mixed, max_steps=4)
     raw["model"]["dtype"] = dtype
     summary = run(raw)
     curve = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert summary["steps"] == 4 and all(torch.isfinite(torch.tensor(curve))) and curve[-1] < curve[0]
+
+
+def test_autocast_follows_the_base_dtype_and_a_mismatch_is_refused(tiny_model_dir, tiny_data, tmp_path):
+    from milora_cli.errors import RecipeError
+    from milora_cli.training.train import autocast_dtype
+
+    assert [autocast_dtype("auto", dtype, cuda=True) for dtype in ("fp32", "bf16", "fp16")] == ["no", "bf16", "fp16"]
+    assert [autocast_dtype("auto", dtype, cuda=False) for dtype in ("fp32", "bf16")] == ["no", "no"]
+    raw = tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "run", mixed_precision="bf16")  # an fp32 base
+    with pytest.raises(RecipeError, match="mixed_precision=bf16 with model.dtype=fp32 would recast every frozen weight"):
+        run(raw)
+    assert not (tmp_path / "run").exists()
 
 
 def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tiny_model_dir, tiny_data, tmp_path):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
+from milora_cli import locate
 from milora_cli.data import builtin
 from milora_cli.errors import DataError
 from milora_cli.evaluation.answers import ANSWER_MARKER
@@ -30,7 +30,6 @@ PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 
-_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 _GSM8K_CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's "<<48/2=24>>" calculator annotations
 
 
@@ -196,28 +195,39 @@ _READERS: dict[str, Callable[[Path], list[Any]]] = {
 }
 
 
-def _looks_local(path: str) -> bool:
-    """Hub ids are "name" or "owner/name", so a "/" alone does not make a path: a data-file suffix, a
-    path prefix or an existing file does."""
-    return path.endswith(_FILE_SUFFIXES) or path.startswith(("/", "./", "../", "~")) or Path(path).is_file()
-
-
 def _read_raw(path: str, split: str) -> list[Any]:
-    """Raw records from a local file or, failing that, a Hugging Face hub dataset."""
-    if _looks_local(path):
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise DataError(f"data file not found: {path}")
-        reader = _READERS.get(file.suffix)
-        if reader is None:
-            raise DataError(f"{path}: unsupported file type '{file.suffix}'; use {', '.join(_FILE_SUFFIXES)}")
-        return reader(file)
-    import datasets  # slow to import, and only hub ids need it
+    """Raw records from a local file or from the files of a hub dataset (locate.is_local tells which)."""
+    if not locate.is_local(path):
+        return _read_hub(path, split)
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"data file not found: {path}")
+    return read_file(file)
 
-    try:
-        return datasets.load_dataset(path, split=split).to_list()
-    except (OSError, ValueError) as e:  # not found, offline, unknown split
-        raise DataError(f"could not load hub dataset '{path}' (split '{split}'): {e}") from e
+
+def read_file(file: Path) -> list[Any]:
+    """The records of one .json (a list), .jsonl or .parquet file."""
+    reader = _READERS.get(file.suffix)
+    if reader is None:
+        raise DataError(f"{file}: unsupported file type '{file.suffix}'; use {', '.join(locate.DATA_SUFFIXES)}")
+    return reader(file)
+
+
+def _read_hub(repo_id: str, split: str) -> list[Any]:
+    """The records of a hub dataset's `split`: its data files fetched (or found in the offline cache) by
+    huggingface_hub and read by the readers above, not by `datasets` (which does not load offline from it).
+
+    The split's files are those with the split's name as a part of their path (train.json,
+    data/train-00000-of-00002.parquet), read in path order; a repository of one data file is its train split.
+    """
+    folder = locate.hub_snapshot(repo_id, "dataset", patterns=[f"*{suffix}" for suffix in locate.DATA_SUFFIXES])
+    files = sorted(p for p in folder.rglob("*") if p.suffix in _READERS and p.is_file())
+    named = [p for p in files if split in re.split(r"[-_./]", p.relative_to(folder).as_posix())]
+    chosen = named or (files if split == "train" and len(files) == 1 else [])
+    if not chosen:
+        found = ", ".join(p.relative_to(folder).as_posix() for p in files) or "none"
+        raise DataError(f"hub dataset '{repo_id}' has no data file for split '{split}' (data files: {found}); set data.split")
+    return [record for file in chosen for record in _READERS[file.suffix](file)]
 
 
 def _read_examples(path: str, fmt: str, split: str) -> list[Example]:
@@ -262,8 +272,6 @@ def load_records(cfg: Any, seed: int) -> tuple[list[Example], list[Example]]:
     if not train:
         raise DataError(f"no training examples in {cfg.path or 'builtin ' + repr(cfg.builtin)}")
     return train, val
-
-
 
 
 def _load_builtin(name: str, seed: int) -> tuple[list[Example], list[Example]]:

@@ -42,6 +42,8 @@ def run(model_or_run: str, cfg: EvalConfig, output: Path, dtype: str | None, con
         quantized: Quantize | None = None) -> dict[str, Any]:
     """Load MODEL_OR_RUN and score it on cfg.tasks into `output`; returns the summary."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in cfg.tasks:  # data first: a missing file or hub dataset fails before a model is loaded
+        tasks.data_files(tasks.TASKS[name], cfg.data_dir)
     model, tokenizer, identity = load(model_or_run, dtype, device, console, quantized)
     return evaluate_model(model, tokenizer, cfg, output, identity, console)
 
@@ -53,26 +55,27 @@ def load(name: str, dtype: str | None, device: str, console: Console, quantized:
     """
     folder = adapter_folder.find_adapter(Path(name).expanduser())
     if folder is None:
-        resolved, (dtype, quantized) = models.resolve(name), (dtype or "fp32", quantized or "none")
-        model = _load_base(resolved, dtype, None, device, quantized)
-        identity = f"{Path(resolved).resolve() if Path(resolved).is_dir() else resolved} [{_storage(dtype, quantized)}]"
-        return model, models.load_tokenizer(resolved), identity
+        resolved = models.resolve(name)
+        dtype, quantized = dtype or models.checkpoint_dtype(resolved), quantized or "none"  # scores comparable with the run that made it
+        tokenizer = models.load_tokenizer(resolved)  # first: the cheaper load fails faster
+        identity = f"{name if models.is_hub(name) else Path(resolved).resolve()} [{_storage(dtype, quantized)}]"
+        return _load_base(resolved, dtype, device, quantized), tokenizer, identity
     trained, initial, meta = adapter_folder.read_adapter(folder)
-    base, revision, _ = merge.locate_base(None, meta, download=False)
+    base, _, base_folder = merge.locate_base(None, meta, download=True)
     compute, quantized = dtype or meta["base_dtype"], quantized or meta.get("base_quantize", "none")
-    model = _load_base(base, compute, revision, device, quantized)
+    model = _load_base(str(base_folder), compute, device, quantized)
     adapters = adapter.inject(model, meta["target_modules"], meta["r"], meta["lora_alpha"], 0.0)
-    seen = models.weights_fingerprint(quantize.full_precision_weights(adapters, quantized, base, revision, compute))
+    seen = models.weights_fingerprint(quantize.full_precision_weights(adapters, quantized, str(base_folder), None, compute))
     if dtype is None and seen != meta["base_fingerprint"]:
         console.print(f"[yellow]warning:[/] the weights of {base} differ from those the adapter was trained on")
     adapter.load_adapter_tensors(adapters, trained, initial)
     identity = f"{folder.resolve()} ({meta['init']} r={meta['r']}, step {meta.get('step')}) on {base} [{_storage(compute, quantized)}]"
-    return model.eval(), models.load_tokenizer(base, revision), identity
+    return model.eval(), models.load_tokenizer(str(base_folder)), identity
 
 
-def _load_base(path: str, dtype: str, revision: str | None, device: str, quantized: Quantize):
+def _load_base(path: str, dtype: str, device: str, quantized: Quantize):
     quantize.check(quantized, dtype, torch.device(device).type)
-    return quantize.load_model(path, dtype, quantized, revision, device=device)
+    return quantize.load_model(path, dtype, quantized, device=device)
 
 
 def _storage(dtype: str, quantized: Quantize) -> str:
@@ -112,7 +115,8 @@ def _context(model, default: int) -> int:
 def _score_generations(model, tokenizer, task: tasks.Task, cfg: EvalConfig, window: int, results: Results, bar) -> set[str]:
     items = tasks.load_items(task, cfg.data_dir, cfg.limit)
     done = results.done(task.name)
-    todo = [item for item in items if item.id not in done]
+    # Longest prompts first: batches of like lengths pad little, and the peak memory shows in the first batch.
+    todo = sorted((item for item in items if item.id not in done), key=lambda item: -len(item.prompt))
     progress = bar.add_task(task.name, total=len(items), completed=len(items) - len(todo))
     budget = tasks.max_new_tokens(task, cfg.choice_max_new_tokens, cfg.math_max_new_tokens)
     for start in range(0, len(todo), cfg.batch_size):
@@ -126,6 +130,7 @@ def _score_generations(model, tokenizer, task: tasks.Task, cfg: EvalConfig, wind
                             "prediction": prediction, "gold": item.gold, "correct": correct})
         results.append(records)
         bar.advance(progress, len(batch))
+    results.reorder()
     return {item.id for item in items}
 
 
@@ -191,6 +196,14 @@ class Results:
             handle.flush()
             os.fsync(handle.fileno())
         self.records += records
+
+    def reorder(self) -> None:
+        """Rewrite the file in task order and, within a task, in the records' original order (ids)."""
+        first_seen = {task: i for i, task in reversed(list(enumerate(r["task"] for r in self.records)))}
+        ordered = sorted(self.records, key=lambda r: (first_seen[r["task"]], int(r["id"])))
+        if ordered != self.records:
+            atomic.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in ordered))
+            self.records = ordered
 
 
 def summarise(records: list[dict[str, Any]], selected: dict[str, set[str]]) -> dict[str, Any]:

@@ -1,8 +1,11 @@
 """The paper's benchmarks: where their data lives, their prompts, and how one generation is scored.
 
-Task data comes from a folder laid out like ../shared/data (`--data-dir`) or, without one, from the
-hub with `datasets.load_dataset` (the same files: LLM-Adapters' test sets, GSM8K, the MATH test sets of
-math-evaluation-harness, WikiText-2).
+Task data comes from `--data-dir`: a folder laid out like ../shared/data, or a hub dataset id whose files
+are laid out the same way. Without it, the tasks that a public hub dataset holds are read from there:
+GSM8K from openai/gsm8k, MATH-500 from HuggingFaceH4/MATH-500, WikiText-2 from Salesforce/wikitext. Hub
+files are fetched by huggingface_hub into its cache (offline: read from it, locate.py) and read with
+milora's own readers. No hub dataset is known to hold LLM-Adapters' commonsense test sets or the 5,000
+MATH test problems of math-evaluation-harness: those tasks need `--data-dir`.
 
 Prompts are the training prompts (records.prompt_for_generation on the record normalised as training
 normalises it), byte for byte. GSM8K and MATH add MetaMath's cue "Let's think step by step." as the
@@ -13,29 +16,35 @@ the prompt the model was tuned on stays an exact prefix of the prompt it is scor
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
-from milora_cli.evaluation import answers
+from milora_cli import locate
 from milora_cli.data import records
-from milora_cli.errors import EvalError
+from milora_cli.errors import DataError, EvalError
+from milora_cli.evaluation import answers
 from milora_cli.recipe import BenchmarkTask
 
 Kind = Literal["choice", "gsm8k", "math", "perplexity"]
 MATH_CUE = "Let's think step by step."
-_LLM_ADAPTERS = "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main/dataset"
-_MATH_HARNESS = "https://raw.githubusercontent.com/ZubinGou/math-evaluation-harness/main/data"
+
+
+@dataclass(frozen=True)
+class HubFiles:
+    """Where a public hub dataset holds a task's data: the repository and a glob of its files in it."""
+
+    repo: str
+    pattern: str
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
     kind: Kind
-    local: str  # path under --data-dir
-    hub: dict[str, Any]  # keyword arguments of datasets.load_dataset
+    local: str  # path under --data-dir (a folder, or a hub dataset laid out like it)
+    hub: HubFiles | None  # the task's public hub dataset, read when there is no --data-dir
 
 
 @dataclass(frozen=True)
@@ -47,18 +56,11 @@ class Item:
     gold: str
 
 
-def _commonsense(name: str) -> Task:
-    hub = {"path": "json", "data_files": f"{_LLM_ADAPTERS}/{name}/test.json", "split": "train"}
-    return Task(name, "choice", f"commonsense/{name}/test.json", hub)
-
-
-TASKS: dict[str, Task] = {name: _commonsense(name) for name in answers.CHOICE_PATTERNS} | {
-    "gsm8k": Task("gsm8k", "gsm8k", "math/gsm8k_test.jsonl", {"path": "openai/gsm8k", "name": "main", "split": "test"}),
-    "math": Task("math", "math", "math/MATH_test.jsonl",
-                 {"path": "json", "data_files": f"{_MATH_HARNESS}/math/test.jsonl", "split": "train"}),
-    "math500": Task("math500", "math", "math/MATH500_test.jsonl", {"path": "HuggingFaceH4/MATH-500", "split": "test"}),
-    "wikitext": Task("wikitext", "perplexity", "wikitext2/test.txt",
-                     {"path": "Salesforce/wikitext", "name": "wikitext-2-v1", "split": "test"}),
+TASKS: dict[str, Task] = {name: Task(name, "choice", f"commonsense/{name}/test.json", None) for name in answers.CHOICE_PATTERNS} | {
+    "gsm8k": Task("gsm8k", "gsm8k", "math/gsm8k_test.jsonl", HubFiles("openai/gsm8k", "main/test-*.parquet")),
+    "math": Task("math", "math", "math/MATH_test.jsonl", None),
+    "math500": Task("math500", "math", "math/MATH500_test.jsonl", HubFiles("HuggingFaceH4/MATH-500", "test.jsonl")),
+    "wikitext": Task("wikitext", "perplexity", "wikitext2/test.txt", HubFiles("Salesforce/wikitext", "wikitext-2-v1/test-*.parquet")),
 }
 assert set(TASKS) == set(get_args(BenchmarkTask)), "recipe.BenchmarkTask and TASKS must name the same tasks"
 COMMONSENSE = list(answers.CHOICE_PATTERNS)
@@ -109,46 +111,43 @@ _ITEMS: dict[str, Callable[[dict, int, str], Item]] = {"choice": _choice_item, "
 
 def load_items(task: Task, data_dir: str | None, limit: int | None) -> list[Item]:
     """The first `limit` examples of a generation task, as prompts and gold answers."""
-    records, source = _records(task, data_dir)
-    records = records[:limit] if limit is not None else records
+    files = data_files(task, data_dir)
+    rows = [row for file in files for row in _read(file)]
+    rows = rows[:limit] if limit is not None else rows
+    source = ", ".join(map(str, files))
     try:
-        return [_ITEMS[task.kind](raw, index, source) for index, raw in enumerate(records)]
+        return [_ITEMS[task.kind](raw, index, source) for index, raw in enumerate(rows)]
     except KeyError as error:
         raise EvalError(f"{source}: records lack the key {error} that task {task.name} needs") from None
 
 
 def load_text(task: Task, data_dir: str | None) -> str:
-    """The whole text of a perplexity task."""
-    if data_dir is not None:
-        return _local(task, data_dir).read_text(encoding="utf-8")
-    return "".join(row["text"] for row in _hub(task))
+    """The whole text of a perplexity task: a .txt file, or the `text` rows of hub parquet files."""
+    files = data_files(task, data_dir)
+    return "".join(file.read_text(encoding="utf-8") if file.suffix == ".txt" else "".join(row["text"] for row in _read(file))
+                   for file in files)
 
 
-def _local(task: Task, data_dir: str) -> Path:
-    path = Path(data_dir).expanduser() / task.local
-    if not path.is_file():
-        raise EvalError(f"task {task.name}: {path} not found; --data-dir must be laid out like ../shared/data ({task.local})")
-    return path
+def data_files(task: Task, data_dir: str | None) -> list[Path]:
+    """The task's files on this machine: under --data-dir (a folder or a hub dataset id), else its hub dataset's."""
+    if data_dir is None and task.hub is None:
+        raise EvalError(f"task {task.name}: no public hub dataset holds its data; pass --data-dir (a folder or a hub "
+                        f"dataset id laid out like ../shared/data, with {task.local})")
+    if data_dir is not None and locate.is_local(data_dir):
+        path = Path(data_dir).expanduser() / task.local
+        if not path.is_file():
+            raise EvalError(f"task {task.name}: {path} not found; --data-dir must be laid out like ../shared/data ({task.local})")
+        return [path]
+    repo, pattern = (data_dir, task.local) if data_dir is not None else (task.hub.repo, task.hub.pattern)
+    folder = locate.hub_snapshot(repo, "dataset", patterns=[pattern])
+    files = sorted(folder.glob(pattern))
+    if not files:
+        raise EvalError(f"task {task.name}: hub dataset '{repo}' has no file {pattern}")
+    return files
 
 
-def _records(task: Task, data_dir: str | None) -> tuple[list[dict], str]:
-    if data_dir is None:
-        return _hub(task), f"hub {task.hub['path']}"
-    path = _local(task, data_dir)
-    text = path.read_text(encoding="utf-8")
+def _read(path: Path) -> list[dict]:
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()], str(path)
-        return json.loads(text), str(path)
-    except json.JSONDecodeError as error:
-        raise EvalError(f"{path}: not valid JSON ({error})") from None
-
-
-def _hub(task: Task) -> list[dict]:
-    import datasets  # slow to import; only runs without --data-dir need it
-
-    try:
-        return datasets.load_dataset(**task.hub).to_list()
-    except Exception as error:  # offline, moved, renamed: all one line for the user
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise EvalError(f"task {task.name}: cannot load it from the hub ({first}); pass --data-dir with a local copy") from None
+        return records.read_file(path)
+    except DataError as error:
+        raise EvalError(str(error)) from None

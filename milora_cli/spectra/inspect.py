@@ -17,9 +17,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from milora_cli import adapter_folder, shards
+from milora_cli import adapter_folder, locate, shards
 from milora_cli.errors import InspectError
-from milora_cli.models import quantisation_note
+from milora_cli.models import EMBEDDED, quantisation_note
 from milora_cli.spectra.analysis import (
     Inspection, Spectrum, by_module, device, limit_cpu_threads, model_spectra, open_run,
     projection_weights, run_updates, select, spectrum_stats,
@@ -58,7 +58,7 @@ def analyse(targets: list[str], modules: str | None, layers: str | None, rank: i
     from milora_cli.merge import locate_base
 
     for target in targets:
-        if not Path(target).expanduser().exists() and (target.startswith((".", "/", "~")) or target.count("/") > 1):
+        if not Path(target).expanduser().exists() and target not in EMBEDDED and locate.is_local(target):
             raise InspectError(f"'{target}' does not exist (MODEL is a model folder, a run dir, a hub id or smollm2-135m)")
     folders = [adapter_folder.find_adapter(Path(target)) for target in targets]
     if (compare or len(targets) > 1) and None in folders:

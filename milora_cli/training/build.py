@@ -36,14 +36,15 @@ class Setup:
 
 def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO") -> Setup:
     """Load the model and tokenizer, inject adapters (not yet initialised), tokenise the data."""
+    train_examples, val_examples = records.load_records(recipe.data, recipe.train.seed)  # first: no model load to fail after
     cfg = recipe.model
     quantize.check(cfg.quantize, cfg.dtype, torch.device(device).type, distributed)
-    path = models.resolve(cfg.name_or_path)
-    tokenizer = models.load_tokenizer(path, cfg.revision, cfg.trust_remote_code)
-    model = quantize.load_model(path, cfg.dtype, cfg.quantize, cfg.revision, cfg.trust_remote_code, device)
+    path = models.resolve(cfg.name_or_path, cfg.revision)  # a local folder: the hub's files are fetched or cached
+    tokenizer = models.load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+    model = quantize.load_model(path, cfg.dtype, cfg.quantize, trust_remote_code=cfg.trust_remote_code, device=device,
+                                attn_implementation=cfg.attn_implementation)
     names = adapter.find_targets(model, recipe.adapter.target_modules)
     adapters = adapter.inject(model, names, recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout)
-    train_examples, val_examples = records.load_records(recipe.data, recipe.train.seed)
     args = (tokenizer, recipe.data.max_length, recipe.data.train_on_prompt)
     train_set, val_set = tokens.build_dataset(train_examples, *args), tokens.build_dataset(val_examples, *args)
     if not train_set.examples:

@@ -21,6 +21,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 
 from milora_cli.data import tokens
+from milora_cli.errors import RecipeError
 from milora_cli.evaluation import suite
 from milora_cli.recipe import Recipe, dump_recipe
 from milora_cli.runlog import MetricsLog, Progress, versions
@@ -57,7 +58,7 @@ class Loop:
 
 def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     """Run the recipe's training; returns a summary (steps, losses, held-out scores, paths)."""
-    accelerator = _accelerator(recipe.train.mixed_precision)
+    accelerator = _accelerator(recipe.train.mixed_precision, recipe.model.dtype)
     main = accelerator.is_main_process
     console = console if (console is not None and main) else Console(quiet=not main)
     run = RunDir(Path(recipe.output.dir), dump_recipe(recipe), main)
@@ -174,9 +175,25 @@ def _compile_layers(model: torch.nn.Module) -> None:
         layer.compile(dynamic=True)
 
 
-def _accelerator(mixed_precision: str) -> Accelerator:
+def autocast_dtype(mixed_precision: str, base_dtype: str, cuda: bool) -> str:
+    """The autocast accelerate runs: auto follows the base's dtype on a GPU (a bf16 base autocasts to bf16, an
+    fp32 base not at all) and is off on CPU; an explicit choice other than the base's 16-bit dtype is refused.
+
+    Autocast to a dtype the frozen base is not stored in casts every base weight on every op and keeps
+    the cast copies for backward (~16 GB for an 8B fp32 base under bf16): store the base in it instead.
+    """
     if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        return base_dtype if cuda and base_dtype in ("bf16", "fp16") else "no"
+    if mixed_precision != "no" and mixed_precision != base_dtype:
+        raise RecipeError(
+            f"train.mixed_precision={mixed_precision} with model.dtype={base_dtype} would recast every frozen weight on "
+            f"every op; set model.dtype={mixed_precision} (or train.mixed_precision=auto)"
+        )
+    return mixed_precision
+
+
+def _accelerator(mixed_precision: str, base_dtype: str) -> Accelerator:
+    mixed_precision = autocast_dtype(mixed_precision, base_dtype, torch.cuda.is_available())
     # cpu=True is what makes accelerate use gloo for a torchrun-launched job on a machine without CUDA.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)  # the frozen A0/B0 are equal on every rank
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])

@@ -1,0 +1,60 @@
+"""One rule for where a named model or dataset lives: a local path, or a repository on the Hugging Face hub.
+
+A name is LOCAL when it exists on disk, starts like a path (/, ./, ../, ~), ends in a data-file suffix, or
+cannot be a hub id; otherwise it is a HUB id ("name" or "org/name"). Embedded models (models.EMBEDDED) are
+checked by models.resolve before this rule. Hub repositories are fetched with huggingface_hub's
+`snapshot_download` into its cache (HF_HOME) and read from there as local folders, so the rest of milora
+only ever opens local files: with HF_HUB_OFFLINE=1 the cache alone is used, and a repository that is
+neither cached nor reachable is one line naming it and how to fetch it, within seconds.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from milora_cli.errors import HubError
+
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+# What a model needs from its repository: config, tokenizer, safetensors weights (never pickles), remote code.
+MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py", "*.tiktoken"]
+ETAG_TIMEOUT_S = 5  # per request to the hub; an unreachable hub fails fast instead of retrying for a minute
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+RepoType = Literal["model", "dataset"]
+
+
+def is_local(name: str) -> bool:
+    """True when `name` means a path on this machine, false when it is a hub id (see the module docstring)."""
+    if name.startswith(("/", "./", "../", "~", ".")) or name.endswith(DATA_SUFFIXES):
+        return True
+    return Path(name).expanduser().exists() or _HUB_ID.fullmatch(name) is None
+
+
+def fetch_command(repo_id: str, repo_type: RepoType) -> str:
+    return f"hf download {repo_id}" + (" --repo-type dataset" if repo_type == "dataset" else "")
+
+
+def hub_snapshot(repo_id: str, repo_type: RepoType, revision: str | None = None, patterns: list[str] | None = None) -> Path:
+    """The local snapshot folder of a hub repository: downloaded (only `patterns`) or, offline, from the cache."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=patterns,
+                                   etag_timeout=ETAG_TIMEOUT_S)
+    except LocalEntryNotFoundError:  # offline (or unreachable) and not in the cache
+        offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise HubError(
+            f"{repo_type} '{repo_id}'{_at(revision)} is not a local path and not in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}), and {offline}: fetch it once online with `{fetch_command(repo_id, repo_type)}` "
+            f"(or `huggingface-cli download`), or pass a local path"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as error:  # unknown repo, gated, bad revision
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise HubError(f"cannot fetch hub {repo_type} '{repo_id}'{_at(revision)}: {first}") from None
+    return Path(folder)
+
+
+def _at(revision: str | None) -> str:
+    return f" (revision {revision})" if revision else ""
