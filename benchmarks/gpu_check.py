@@ -32,7 +32,7 @@ from accelerate import Accelerator
 from milora_cli import adapter, models
 from milora_cli.data import records, tokens
 from milora_cli.recipe import DEFAULT_TARGETS
-from milora_cli.training.step import CausalLMLoss, optimizer_step
+from milora_cli.training.step import CausalLMLoss, optimizer_step, packs
 from milora_cli.training.train import autocast_dtype
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
@@ -41,6 +41,7 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab
 }
 TRAIN_SETS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
 WARMUP = 2
+PAD = 0  # the padding id of the PEFT batches (token ids are taken modulo the model's vocabulary)
 
 
 def build(shape: str, device: str, layers: int | None) -> torch.nn.Module:
@@ -68,8 +69,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def batches(data_dir: Path, vocab: int, args) -> list[list[dict[str, torch.Tensor]]]:
-    """steps x accumulation micro-batches of real commonsense examples, token ids modulo `vocab`."""
+def batches(data_dir: Path, vocab: int, args) -> list[list[list[tokens.TokenizedExample]]]:
+    """steps x accumulation micro-batches of real commonsense examples, token ids modulo `vocab`.
+
+    Each loop collates them its own way: milora packs them as it trains, PEFT pads them as HF does.
+    """
     examples = [records.normalize_record(raw, "llm_adapters") for name in TRAIN_SETS
                 for raw in records.read_file(data_dir / "commonsense" / name / "train.json")]
     random.Random(0).shuffle(examples)
@@ -77,17 +81,18 @@ def batches(data_dir: Path, vocab: int, args) -> list[list[dict[str, torch.Tenso
     per_step = args.micro_batch * args.accumulation
     data = tokens.build_dataset(examples[: 4 * args.steps * per_step], tokenizer, args.max_length, False)
     assert len(data.examples) >= args.steps * per_step, "too few examples keep a response token at this max length"
-    collate = tokens.Collator(tokenizer.pad_token_id)
-    out = []
-    for step in range(args.steps):
-        micro = []
-        for m in range(args.accumulation):
-            start = step * per_step + m * args.micro_batch
-            batch = collate(data.examples[start : start + args.micro_batch])
-            labels = batch["labels"]
-            micro.append(batch | {"input_ids": batch["input_ids"] % vocab, "labels": labels.where(labels < 0, labels % vocab)})
-        out.append(micro)
-    return out
+
+    def fit(t: tokens.TokenizedExample) -> tokens.TokenizedExample:
+        return tokens.TokenizedExample([i % vocab for i in t.input_ids], [x if x < 0 else x % vocab for x in t.labels], t.truncated)
+
+    starts = [[step * per_step + m * args.micro_batch for m in range(args.accumulation)] for step in range(args.steps)]
+    return [[[fit(t) for t in data.examples[start : start + args.micro_batch]] for start in step] for step in starts]
+
+
+def padded(micro: list[tokens.TokenizedExample]) -> dict[str, torch.Tensor]:
+    """A micro-batch as HF training scripts feed it: right-padded rows, attention mask, labels."""
+    batch = tokens.Collator(PAD)(micro)
+    return {**batch.inputs, "labels": batch.labels}
 
 
 def minor_error(layers: dict[str, adapter.MiloraLinear], r: int) -> float:
@@ -115,7 +120,7 @@ def initialised(args, device: str, probe: torch.Tensor, init) -> tuple[torch.nn.
 
 def milora_run(args, device: str, data) -> dict[str, float | str]:
     """(a) milora init, (c) logits at init, (b) milora's training step, (d) the merge; one model."""
-    probe, layers = data[0][0]["input_ids"].to(device), {}
+    probe, layers = padded(data[0][0])["input_ids"].to(device), {}
 
     def init(model):
         names = adapter.find_targets(model, DEFAULT_TARGETS)
@@ -131,8 +136,11 @@ def milora_run(args, device: str, data) -> dict[str, float | str]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-4)
 
+    collate = tokens.Collator(PAD, packed=packs("auto", model))
+
     def step(micro):
-        optimizer_step(loss, [{k: v.to(device) for k, v in b.items()} for b in micro], accelerator, params, 1.0)
+        n_targets = sum(t.n_targets for part in micro for t in part)
+        optimizer_step(loss, [collate(part).to(device) for part in micro], accelerator, params, 1.0, n_targets)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -147,12 +155,13 @@ def peft_run(args, device: str, data) -> dict[str, float | str]:
 
     config = LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.05, target_modules=DEFAULT_TARGETS,
                         init_lora_weights="pissa", task_type="CAUSAL_LM")
-    model, seconds, exact = initialised(args, device, data[0][0]["input_ids"].to(device), lambda m: get_peft_model(m, config))
+    model, seconds, exact = initialised(args, device, padded(data[0][0])["input_ids"].to(device), lambda m: get_peft_model(m, config))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-4)
     use_autocast = autocast_dtype("auto", "bf16", device == "cuda") == "bf16"
 
     def step(micro):
+        micro = [padded(part) for part in micro]
         n = sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in micro)
         for b in micro:
             b = {k: v.to(device) for k, v in b.items()}
@@ -176,7 +185,7 @@ def train(model, step, data, device: str) -> dict[str, float]:
         spent = timed(lambda micro=micro: step(micro), device)
         if k >= WARMUP:
             seconds += spent
-            counted += sum(int(b["attention_mask"].sum()) for b in micro)
+            counted += sum(len(t.input_ids) for part in micro for t in part)  # real tokens, no padding
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     return {"tok_s": counted / seconds, "peak_gb": peak}
 
