@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from milora_cli.errors import MiloraError
 
@@ -30,20 +31,32 @@ errors = Console(stderr=True)
 
 
 def user_errors(command):
-    """Turn known errors into `error: ...` on stderr and exit code 2, without a traceback."""
+    """Turn known errors into `error: ...` on stderr and exit code 2, without a traceback.
+
+    An OSError (a read-only place, a full disk, a file where a folder must be) is a user error too: it names
+    the path and the reason. The message is printed literally: `[fp32]` in it is text, not markup.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except MiloraError as error:
-            errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        except (MiloraError, OSError) as error:
+            errors.print(Text("error: ", style="bold red") + Text(describe(error)), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             errors.print("interrupted")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def describe(error: Exception) -> str:
+    """One line for a user error; an OSError as `PATH: reason`."""
+    if isinstance(error, OSError) and not isinstance(error, MiloraError):
+        where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+        return f"{where}: {error.strerror or error}" if where else f"{error.strerror or error}"
+    return str(error)
 
 
 @app.command()
@@ -122,11 +135,12 @@ def svd_inspect(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write per matrix its name, shape, statistics and all singular values.", show_default=False)] = None,
     csv_path: Annotated[Path | None, typer.Option("--csv", help="Write one row of statistics per matrix.", show_default=False)] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG of the normalised spectra per module type (needs matplotlib).", show_default=False)] = None,
+    base: Annotated[str | None, typer.Option(help="Base model of the runs (folder, hub id, smollm2-135m). Default: the one they trained on.", show_default=False)] = None,
 ) -> None:
     """Singular-value spectra of a model's linear weights; for runs, where the learned update lies in them."""
     from milora_cli.spectra.inspect import inspect
 
-    inspect(model, modules, layers, rank, compare, json_path, csv_path, plot, console)
+    inspect(model, modules, layers, rank, compare, json_path, csv_path, plot, console, base)
 
 
 @app.command("eval")
@@ -141,6 +155,8 @@ def eval_(
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens generated per example. Default: 32 commonsense, 512 GSM8K/MATH.", show_default=False)] = None,
     dtype: Annotated[Dtype | None, typer.Option(help="dtype of the model. Default: a run's base dtype, else fp32.", show_default=False)] = None,
     output: Annotated[Path, typer.Option(help="Results folder; an existing one of the same settings resumes.")] = Path("out/eval"),
+    base: Annotated[str | None, typer.Option(help="Base model of a run (folder, hub id, smollm2-135m). Default: the one it trained on.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an --output folder that holds another kind of result (a run, a merge, a model).")] = False,
 ) -> None:
     """Score a model or a run on the paper's benchmarks: per-example JSONL, summary JSON and a table. Resumes."""
     from milora_cli.recipe import eval_settings
@@ -148,8 +164,13 @@ def eval_(
 
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     cfg = eval_settings({"tasks": names, "data_dir": data_dir, "limit": limit, "batch_size": batch_size, "num_beams": num_beams,
-                         "choice_max_new_tokens": max_new_tokens, "math_max_new_tokens": max_new_tokens})
-    run_eval(model_or_run, cfg, output, dtype.value if dtype else None, console)
+                         "choice_max_new_tokens": max_new_tokens, "math_max_new_tokens": max_new_tokens}, _EVAL_FLAGS)
+    run_eval(model_or_run, cfg, output, dtype.value if dtype else None, console, base, force)
+
+
+# eval's recipe keys -> the flags that set them, so that an error names what the user typed
+_EVAL_FLAGS = {"tasks": "--tasks", "data_dir": "--data-dir", "limit": "--limit", "batch_size": "--batch-size",
+               "num_beams": "--num-beams", "choice_max_new_tokens": "--max-new-tokens", "math_max_new_tokens": "--max-new-tokens"}
 
 
 def main() -> None:  # pragma: no cover - `python -m milora_cli`

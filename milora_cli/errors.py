@@ -27,3 +27,11 @@ class InspectError(MiloraError):
 
 class EvalError(MiloraError):
     """A benchmark cannot be run as asked (unknown task, missing data, an output folder of other settings)."""
+
+
+class AdapterError(MiloraError):
+    """An adapter or checkpoint folder is missing a file, is damaged, or does not match its adapter_meta.json."""
+
+
+class OutputError(MiloraError):
+    """An output path cannot be written, or holds something the command did not create (see --force)."""

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from milora_cli import atomic
 from milora_cli.errors import RecipeError
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -62,6 +63,13 @@ class AdapterConfig(_Section):
     @classmethod
     def _one_name(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) and value != "all-linear" else value
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, value: Any) -> Any:
+        if value == []:
+            raise ValueError("name at least one layer, e.g. [q_proj, v_proj], or all-linear")
+        return value
 
     @model_validator(mode="after")
     def _default_alpha(self) -> AdapterConfig:
@@ -147,12 +155,16 @@ class Recipe(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out generation score and benchmarks.")
 
 
-def eval_settings(values: dict[str, Any]) -> EvalConfig:
-    """An `eval` section from command-line values (None: the default); the first problem as one line."""
+def eval_settings(values: dict[str, Any], flags: dict[str, str] | None = None) -> EvalConfig:
+    """An `eval` section from command-line values (None: the default); the first problem as one line naming
+    the key, or the flag that set it (`flags`: key -> flag)."""
     try:
         return EvalConfig.model_validate({key: value for key, value in values.items() if value is not None})
     except ValidationError as error:
-        raise RecipeError(_describe(error.errors()[0]).removeprefix("eval.")) from None
+        problem = error.errors()[0]
+        where = str(problem["loc"][0])
+        message = _describe(problem).removeprefix("eval.").removeprefix(f"{where}: ")
+        raise RecipeError(f"{(flags or {}).get(where, where)}: {message}") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -161,7 +173,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(atomic.read_text(path, RecipeError)) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -29,8 +29,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from milora_cli import adapter, adapter_folder, atomic, models
-from milora_cli import merge
+from milora_cli import adapter, adapter_folder, atomic, models, outputs
 from milora_cli.evaluation import generate, tasks
 from milora_cli.errors import EvalError
 from milora_cli.recipe import EvalConfig
@@ -39,29 +38,36 @@ from milora_cli.runlog import bar_columns
 RESULTS_FILE, SUMMARY_FILE, SETTINGS_FILE = "predictions.jsonl", "summary.json", "settings.json"
 
 
-def run(model_or_run: str, cfg: EvalConfig, output: Path, dtype: str | None, console: Console) -> dict[str, Any]:
+def run(model_or_run: str, cfg: EvalConfig, output: Path, dtype: str | None, console: Console,
+        base: str | None = None, force: bool = False) -> dict[str, Any]:
     """Load MODEL_OR_RUN and score it on cfg.tasks into `output`; returns the summary."""
+    source = Path(model_or_run).expanduser()
+    outputs.claim(output, "eval", "--output", force, inputs=[source] if source.exists() else [])
+    tasks.check_data(cfg.tasks, cfg.data_dir, "--data-dir")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, identity = load(model_or_run, dtype, device, console)
+    model, tokenizer, identity = load(model_or_run, dtype, device, console, base)
     return evaluate_model(model, tokenizer, cfg, output, identity, console)
 
 
-def load(name: str, dtype: str | None, device: str, console: Console) -> tuple[Any, Any, str]:
+def load(name: str, dtype: str | None, device: str, console: Console, base: str | None = None) -> tuple[Any, Any, str]:
     """(model, tokenizer, identity): a run or adapter folder is its base with the adapter injected, unmerged."""
     folder = adapter_folder.find_adapter(Path(name).expanduser())
     if folder is None:
+        if base is not None:
+            raise EvalError(f"--base is for a run or adapter folder; {name} is a model")
         resolved = models.resolve(name)
         model = models.load_model(resolved, dtype or "fp32", device=device)
         identity = f"{Path(resolved).resolve() if Path(resolved).is_dir() else resolved} [{dtype or 'fp32'}]"
         return model, models.load_tokenizer(resolved), identity
-    trained, initial, meta = adapter_folder.read_adapter(folder)
-    base, revision, _ = merge.locate_base(None, meta, download=False)
+    found = adapter_folder.read_adapter(folder)
+    meta = found.meta
+    base, revision, _ = adapter_folder.locate_base(base, meta, download=False)
     model = models.load_model(base, dtype or meta["base_dtype"], revision, device=device)
     adapters = adapter.inject(model, meta["target_modules"], meta["r"], meta["lora_alpha"], 0.0)
     seen = models.weights_fingerprint({layer: module.base_layer.weight for layer, module in adapters.items()})
     if dtype is None and seen != meta["base_fingerprint"]:
         console.print(f"[yellow]warning:[/] the weights of {base} differ from those the adapter was trained on")
-    adapter.load_adapter_tensors(adapters, trained, initial)
+    adapter.load_adapter_tensors(adapters, found.trained, found.initial)
     identity = f"{folder.resolve()} ({meta['init']} r={meta['r']}, step {meta.get('step')}) on {base} [{dtype or meta['base_dtype']}]"
     return model.eval(), models.load_tokenizer(base, revision), identity
 
@@ -141,7 +147,7 @@ class Results:
         folder.mkdir(parents=True, exist_ok=True)
         saved = folder / SETTINGS_FILE
         if saved.is_file():
-            old = json.loads(saved.read_text())
+            old = atomic.read_json(saved, f"the eval in {folder}", EvalError)
             for key in sorted(set(old) | set(settings)):
                 if old.get(key) != settings.get(key):
                     raise EvalError(
@@ -156,13 +162,17 @@ class Results:
     def _read(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
             return []
-        text = self.path.read_text(encoding="utf-8")
-        lines = text.split("\n")
+        lines = self.path.read_bytes().split(b"\n")
         records, whole = [], True
         for line in lines[:-1]:  # every complete line; lines[-1] is "" unless the last line was torn
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = json.loads(line.decode("utf-8"))
+                intact = isinstance(record, dict) and {"task", "id"} <= set(record)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                intact = False
+            if intact:
+                records.append(record)
+            else:  # a damaged line is scored again
                 whole = False
         if lines[-1] or not whole:  # rewrite without the damage, so appends start on a clean line
             atomic.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from milora_cli import atomic
 from milora_cli.evaluation import answers
 from milora_cli.data import records
 from milora_cli.errors import EvalError
@@ -117,17 +118,27 @@ def load_items(task: Task, data_dir: str | None, limit: int | None) -> list[Item
         raise EvalError(f"{source}: records lack the key {error} that task {task.name} needs") from None
 
 
+def check_data(names: list[str], data_dir: str | None, flag: str) -> None:
+    """Refuse a data folder that lacks a task's file now, before a model is loaded or anything trained."""
+    if data_dir is None:
+        return
+    if not Path(data_dir).expanduser().is_dir():
+        raise EvalError(f"{flag} {data_dir} is not a folder; it must be laid out like ../shared/data")
+    for name in dict.fromkeys(names):
+        _local(TASKS[name], data_dir, flag)
+
+
 def load_text(task: Task, data_dir: str | None) -> str:
     """The whole text of a perplexity task."""
     if data_dir is not None:
-        return _local(task, data_dir).read_text(encoding="utf-8")
+        return atomic.read_text(_local(task, data_dir), EvalError)
     return "".join(row["text"] for row in _hub(task))
 
 
-def _local(task: Task, data_dir: str) -> Path:
+def _local(task: Task, data_dir: str, flag: str = "--data-dir") -> Path:
     path = Path(data_dir).expanduser() / task.local
     if not path.is_file():
-        raise EvalError(f"task {task.name}: {path} not found; --data-dir must be laid out like ../shared/data ({task.local})")
+        raise EvalError(f"task {task.name}: {path} not found; {flag} must be laid out like ../shared/data ({task.local})")
     return path
 
 
@@ -135,13 +146,16 @@ def _records(task: Task, data_dir: str | None) -> tuple[list[dict], str]:
     if data_dir is None:
         return _hub(task), f"hub {task.hub['path']}"
     path = _local(task, data_dir)
-    text = path.read_text(encoding="utf-8")
+    text = atomic.read_text(path, EvalError)
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()], str(path)
-        return json.loads(text), str(path)
+        found = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else json.loads(text)
     except json.JSONDecodeError as error:
         raise EvalError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(found, list) or not all(isinstance(record, dict) for record in found):
+        raise EvalError(f"{path}: a benchmark file holds a list of records (JSON objects), found {type(found).__name__}")
+    if not found:
+        raise EvalError(f"{path}: no records; a task with no examples would score 0% and pull the average down")
+    return found, str(path)
 
 
 def _hub(task: Task) -> list[dict]:

@@ -91,7 +91,10 @@ def _own_factors(layer: adapter.MiloraLinear, cfg: AdapterConfig, use_cache: boo
     lora_A, lora_B = adapter.initial_factors(layer, cfg.init, cfg.svd_dtype, cfg.svd_driver)
     factors = (lora_A.float(), lora_B.float())  # what the layer holds; the cache stores exactly that
     if use_cache:
-        write_cached(path, key, factors)
+        try:
+            write_cached(path, key, factors)
+        except OSError:  # an unwritable cache ($MILORA_CACHE read-only, a full disk) only costs speed
+            pass
     return factors, False
 
 

@@ -76,12 +76,11 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     # 3. optimizer, batches, steps; resume or score the untrained model
     saver = Saver(run, setup.adapters, {**meta, "versions": versions()}, accelerator, recipe.train.keep_checkpoints)
     loop = _prepare(recipe, setup, accelerator, saver, console)
-    if isinstance(resume_from, Path):
-        loop.step, loop.best = resume(resume_from, setup.adapters, loop.optimizer.optimizer)
-        console.print(f"resumed from {resume_from} at step {loop.step}")
+    if isinstance(resume_from, list):
+        loop.step, loop.best = resume(resume_from, setup.adapters, loop.optimizer.optimizer, console)
     else:
         summary |= scorer.score("before")
-    loop.log = MetricsLog(run.path, loop.step if isinstance(resume_from, Path) else None, recipe.output.tensorboard) if main else None
+    loop.log = MetricsLog(run.path, loop.step if isinstance(resume_from, list) else None, recipe.output.tensorboard) if main else None
     # 4. the loop: steps, log lines, validation and the best adapter, periodic checkpoints
     _run_loop(loop, console)
     # 5. the final adapter, the held-out score after training, the summary
