@@ -154,7 +154,7 @@ def eval_(
     num_beams: Annotated[int | None, typer.Option(help="Beam search width; 1 (the default) is greedy.", show_default=False)] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens generated per example. Default: 32 commonsense, 512 GSM8K/MATH.", show_default=False)] = None,
     dtype: Annotated[Dtype | None, typer.Option(help="dtype of the model. Default: a run's base dtype, else fp32.", show_default=False)] = None,
-    output: Annotated[Path, typer.Option(help="Results folder; an existing one of the same settings resumes.")] = Path("out/eval"),
+    output: Annotated[Path, typer.Option(help="Results folder; an existing one of the same settings resumes, one of another kind is refused (see --force).")] = Path("out/eval"),
     base: Annotated[str | None, typer.Option(help="Base model of a run (folder, hub id, smollm2-135m). Default: the one it trained on.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an --output folder that holds another kind of result (a run, a merge, a model).")] = False,
 ) -> None:
