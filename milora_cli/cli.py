@@ -143,6 +143,11 @@ def svd_inspect(
     inspect(model, modules, layers, rank, compare, json_path, csv_path, plot, console, base)
 
 
+# eval's recipe keys -> the flags that set them, so that an error names what the user typed
+_EVAL_FLAGS = {"tasks": "--tasks", "data_dir": "--data-dir", "limit": "--limit", "batch_size": "--batch-size",
+               "num_beams": "--num-beams", "choice_max_new_tokens": "--max-new-tokens", "math_max_new_tokens": "--max-new-tokens"}
+
+
 @app.command("eval")
 @user_errors
 def eval_(
@@ -167,10 +172,6 @@ def eval_(
                          "choice_max_new_tokens": max_new_tokens, "math_max_new_tokens": max_new_tokens}, _EVAL_FLAGS)
     run_eval(model_or_run, cfg, output, dtype.value if dtype else None, console, base, force)
 
-
-# eval's recipe keys -> the flags that set them, so that an error names what the user typed
-_EVAL_FLAGS = {"tasks": "--tasks", "data_dir": "--data-dir", "limit": "--limit", "batch_size": "--batch-size",
-               "num_beams": "--num-beams", "choice_max_new_tokens": "--max-new-tokens", "math_max_new_tokens": "--max-new-tokens"}
 
 
 def main() -> None:  # pragma: no cover - `python -m milora_cli`

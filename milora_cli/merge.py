@@ -49,8 +49,9 @@ def merge(
     folder, meta, layers = found.folder, found.meta, found.layers
     shapes = {layer: (found.trained[adapter_folder.key(layer, "B")].shape[0], found.trained[adapter_folder.key(layer, "A")].shape[1]) for layer in layers}
     limit = parse_size(max_shard_size)
+    outputs.claim(output, "merge", "--output", force, inputs=[folder])  # before a base is downloaded
     name, revision, base_folder = adapter_folder.locate_base(base, meta, download=fmt == "merged")
-    outputs.claim(output, "merge", "--output", force, inputs=[folder, base_folder])
+    outputs.refuse_inside(output, "--output", [base_folder])
     tensors = None
     if base_folder is None:
         console.print(f"[yellow]note:[/] base {name} is not on this machine: the adapter is not checked against its weights")
@@ -190,7 +191,9 @@ def write_peft(
     factor = 2 if found.has_correction else 1
     weights = {}
     for layer in layers:
-        B, A = found.stacked(layer) if factor == 2 else found.factors(layer)[1::-1]  # (out, r'), (r', in)
+        A, B, _, _ = found.factors(layer)
+        if factor == 2:
+            B, A = found.stacked(layer)  # (out, 2r), (2r, in)
         for part, value in (("A", A), ("B", B)):
             weights["base_model.model." + adapter_folder.key(layer, part)] = value.to(models.DTYPES[dtype or "fp32"]).contiguous()
     alpha = meta["lora_alpha"] * factor

@@ -30,15 +30,21 @@ def kind_of(folder: Path) -> str | None:
     return next((kind for kind, marker in MARKERS.items() if (folder / marker).is_file()), None)
 
 
+def refuse_inside(output: Path, flag: str, inputs: Iterable[Path | None]) -> None:
+    """Refuse an output that is, or lies inside, one of the folders the command reads."""
+    place = output.expanduser().resolve()
+    for source in inputs:
+        if source is not None and (place == source.resolve() or source.resolve() in place.parents):
+            raise OutputError(f"{flag} {output} lies inside {source}, which this command reads; choose another folder")
+
+
 def claim(output: Path, kind: str, flag: str, force: bool = False, inputs: Iterable[Path | None] = ()) -> None:
     """Refuse an output `flag` that cannot hold a `kind` result; with `force`, remove another kind of result first."""
     place = output.expanduser().resolve()
     blocker = next((parent for parent in [place, *place.parents] if parent.exists() and not parent.is_dir()), None)
     if blocker is not None:
         raise OutputError(f"{flag} {output}: {blocker} is a file, not a folder")
-    for source in inputs:
-        if source is not None and (place == source.resolve() or source.resolve() in place.parents):
-            raise OutputError(f"{flag} {output} lies inside {source}, which this command reads; choose another folder")
+    refuse_inside(output, flag, inputs)
     holder = next((parent for parent in place.parents if kind_of(parent) == "adapter or checkpoint"), None)
     if holder is not None:
         raise OutputError(f"{flag} {output} lies inside the adapter folder {holder}, which training replaces or prunes; choose another folder")
