@@ -30,6 +30,15 @@ def kind_of(folder: Path) -> str | None:
     return next((kind for kind, marker in MARKERS.items() if (folder / marker).is_file()), None)
 
 
+def refuse_file(path: Path, flag: str) -> None:
+    """Refuse an output file that is a folder, or that would replace a file of a run, eval, merge or model."""
+    if path.is_dir():
+        raise OutputError(f"{flag} {path} is a folder; give a file name")
+    holder = kind_of(path.parent)
+    if path.exists() and holder is not None:
+        raise OutputError(f"{flag} {path} would replace a file of {_a(holder)} ({path.parent}); choose another file name")
+
+
 def refuse_inside(output: Path, flag: str, inputs: Iterable[Path | None]) -> None:
     """Refuse an output that is, or lies inside, one of the folders the command reads."""
     place = output.expanduser().resolve()

@@ -193,6 +193,8 @@ CASES = [
          lambda w: [(w.tmp / "f").write_text("x"), "train", w.recipe, f"output.dir={w.tmp / 'f/run'}"][1:], "is a file, not a folder"),
     Case("4 gave an eval --output in a place nobody may write", lambda w: eval_args(w, w.model, "/sys/milora-eval"), "/sys/milora-eval:"),
     Case("4 pointed --json at a folder", lambda w: ["svd-inspect", w.model, "--json", w.tmp], "is a folder"),
+    Case("6 pointed --csv at a run's summary.json", lambda w: ["svd-inspect", w.run, "--csv", w.run / "summary.json"],
+         "would replace a file of a training run"),
     # 5. a recipe that cannot train is refused before it writes recipe.yaml
     Case("5 set adapter.target_modules=[]",
          lambda w: ["train", w.recipe, "adapter.target_modules=[]", f"output.dir={w.tmp / 'new'}"], "adapter.target_modules"),

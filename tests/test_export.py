@@ -175,14 +175,15 @@ def synthetic_adapter(root: Path, n_layers: int = 24, size: int = 2048, r: int =
     (base / "config.json").write_text(json.dumps({"model_type": "llama"}))
     layers = [f"model.layers.{i}.mlp.up_proj" for i in (0, n_layers - 1)]
     g = torch.Generator().manual_seed(0)
-    factors = lambda: {f"{l}.lora_{p}.weight": torch.randn(*((r, size) if p == "A" else (size, r)), generator=g) for l in layers for p in "AB"}
+    factors = lambda: {adapter_folder.key(l, p): torch.randn(*((r, size) if p == "A" else (size, r)), generator=g) for l in layers for p in "AB"}
     trained, initial = factors(), factors()
     meta = {"init": "milora", "r": r, "lora_alpha": r, "scaling": 1.0, "lora_dropout": 0.0, "target_modules": layers,
             "base_model": str(base), "base_model_path": str(base), "revision": None, "base_dtype": "fp32",
             "base_fingerprint": "unknown", "versions": {}}
     (root / "adapter").mkdir()
     adapter_folder.write_adapter(root / "adapter", trained, initial, meta, "")
-    delta = {l: trained[f"{l}.lora_B.weight"] @ trained[f"{l}.lora_A.weight"] - initial[f"{l}.lora_B.weight"] @ initial[f"{l}.lora_A.weight"] for l in layers}
+    key = adapter_folder.key
+    delta = {l: trained[key(l, "B")] @ trained[key(l, "A")] - initial[key(l, "B")] @ initial[key(l, "A")] for l in layers}
     return root / "adapter", {f"{l}.weight": weights[f"{l}.weight"] + d for l, d in delta.items()}
 
 

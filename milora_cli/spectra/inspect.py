@@ -17,7 +17,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from milora_cli import adapter_folder, shards
+from milora_cli import adapter_folder, outputs, shards
 from milora_cli.errors import InspectError
 from milora_cli.models import quantisation_note
 from milora_cli.spectra.analysis import (
@@ -43,8 +43,8 @@ def inspect(
         require_matplotlib()
     start = time.perf_counter()
     for flag, path in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path)):
-        if path and path.is_dir():
-            raise InspectError(f"{flag} {path} is a folder; give a file name")
+        if path:
+            outputs.refuse_file(path, flag)
     found = analyse(targets, modules, layers, rank, compare, base)
     seconds = time.perf_counter() - start
     show(found, compare or len(found.runs) > 1, seconds, console)
