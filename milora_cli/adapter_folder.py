@@ -177,8 +177,10 @@ def read_adapter(folder: Path) -> Adapter:
 def _check(found: Adapter) -> None:
     """Keys, shapes and r as adapter_meta.json says; finite values."""
     meta, r = found.meta, found.meta["r"]
-    if not isinstance(r, int) or r < 1 or not isinstance(meta["target_modules"], list):
-        raise AdapterError(f"{found.folder / META_FILE} is damaged: r={r!r}, target_modules={meta['target_modules']!r}")
+    numbers = all(isinstance(meta[name], (int, float)) for name in ("lora_alpha", "scaling"))
+    if (not isinstance(r, int) or r < 1 or not numbers or meta["base_dtype"] not in models.DTYPES
+            or not isinstance(meta["target_modules"], list) or not all(isinstance(layer, str) for layer in meta["target_modules"])):
+        raise AdapterError(f"{found.folder / META_FILE} is damaged: a value of r, lora_alpha, scaling, base_dtype or target_modules is not one milora writes")
     expected = {key(layer, part) for layer in found.layers for part in "AB"}
     for name, tensors in ((ADAPTER_FILE, found.trained), (INIT_FILE, found.initial)):
         path = found.folder / name
@@ -198,3 +200,5 @@ def _check(found: Adapter) -> None:
     shapes = [(found.trained[key(layer, "A")].shape[1], found.trained[key(layer, "B")].shape[0]) for layer in found.layers]
     if shapes != [(found.initial[key(layer, "A")].shape[1], found.initial[key(layer, "B")].shape[0]) for layer in found.layers]:
         raise AdapterError(f"{found.folder}: {ADAPTER_FILE} and {INIT_FILE} have different layer shapes; they come from different runs")
+    if abs(meta["scaling"] - meta["lora_alpha"] / r) > 1e-9 * abs(meta["scaling"]):
+        raise AdapterError(f"{found.folder / META_FILE}: scaling {meta['scaling']} is not lora_alpha / r = {meta['lora_alpha']} / {r}; it was edited")

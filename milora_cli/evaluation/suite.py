@@ -165,12 +165,8 @@ class Results:
         lines = self.path.read_bytes().split(b"\n")
         records, whole = [], True
         for line in lines[:-1]:  # every complete line; lines[-1] is "" unless the last line was torn
-            try:
-                record = json.loads(line.decode("utf-8"))
-                intact = isinstance(record, dict) and {"task", "id"} <= set(record)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                intact = False
-            if intact:
+            record = _record(line)
+            if record is not None:
                 records.append(record)
             else:  # a damaged line is scored again
                 whole = False
@@ -187,6 +183,18 @@ class Results:
             handle.flush()
             os.fsync(handle.fileno())
         self.records += records
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    """One line of predictions.jsonl, or None when it is damaged (not UTF-8, not JSON, or lacking what summarise reads)."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("task") not in tasks.TASKS or not {"id", "correct"} <= set(record):
+        return None
+    windows = tasks.TASKS[record["task"]].kind == "perplexity"
+    return record if not windows or all(isinstance(record.get(key), (int, float)) for key in ("nll", "tokens")) else None
 
 
 def summarise(records: list[dict[str, Any]], selected: dict[str, set[str]]) -> dict[str, Any]:

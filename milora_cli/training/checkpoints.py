@@ -36,8 +36,9 @@ def write_training_state(folder: Path, optimizer: torch.optim.Optimizer, state: 
 def read_training_state(folder: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Load the optimizer in place; return (trainer state, RNG states). A damaged file is an AdapterError."""
     state = atomic.read_json(folder / STATE_FILE, f"the checkpoint {folder}", AdapterError)
-    if not {"step", "best_val_loss", "param_groups"} <= set(state):
-        raise AdapterError(f"{folder / STATE_FILE} is damaged: it lacks step, best_val_loss or param_groups")
+    if not (isinstance(state.get("step"), int) and isinstance(state.get("best_val_loss"), (int, float))
+            and isinstance(state.get("param_groups"), list)):
+        raise AdapterError(f"{folder / STATE_FILE} is damaged: step, best_val_loss or param_groups is missing or of the wrong type")
     tensors = adapter_folder.read_tensors(folder / OPTIMIZER_FILE, (state.pop("checksums", None) or {}).get(OPTIMIZER_FILE))
     if "rng.torch" not in tensors or not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
         raise AdapterError(f"{folder / OPTIMIZER_FILE} is damaged: no RNG state, or NaN or infinite values")
