@@ -146,6 +146,8 @@ def locate_base(base: str | None, meta: dict[str, Any], download: bool) -> tuple
         base, revision = (str(recorded), None) if recorded.is_dir() else (meta["base_model"], meta["revision"])
     elif not Path(base).expanduser().exists() and base.startswith((".", "/", "~")):
         raise AdapterError(f"--base {base} does not exist")
+    elif Path(base).expanduser().is_file():
+        raise AdapterError(f"--base {base} is a file; give a model folder, a hub id or smollm2-135m")
     resolved = models.resolve(base)
     if Path(resolved).is_dir():
         return str(Path(resolved).resolve()), None, Path(resolved)

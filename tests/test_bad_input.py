@@ -167,6 +167,8 @@ CASES = [
          "lacks scaling"),
     Case("1 truncated adapter_init.safetensors, ran svd-inspect",
          lambda w: [truncate(w.run / "adapter" / adapter_folder.INIT_FILE), "svd-inspect", w.run][1:], "adapter_init.safetensors is damaged"),
+    Case("1 truncated a model's model.safetensors, ran svd-inspect",
+         lambda w: [truncate(w.tmp / "model/model.safetensors", 200), "svd-inspect", w.tmp / "model"][1:], "model.safetensors is damaged"),
     # 2. text that is not UTF-8, corrupt data files, a benchmark file of the wrong shape
     Case("2 saved the recipe as Latin-1", lambda w: [latin1(w.tmp / "r.yaml", "# café\ndata: {builtin: quickstart}\n"),
                                                      "train", w.tmp / "r.yaml"][1:], "is not UTF-8 text"),
@@ -246,6 +248,8 @@ CASES = [
     Case("messages: moved the base model away, then evaluated the run",
          lambda w: [edit_json(w.run / "adapter" / adapter_folder.META_FILE, base_model_path=str(w.tmp / "gone"), base_model=str(w.tmp / "gone")),
                     *eval_args(w, w.run, w.tmp / "e")][1:], "pass --base"),
+    Case("messages: gave merge --base a data file", lambda w: ["merge", "--adapter", w.run, "--output", w.tmp / "m", "--base", w.data],
+         "--base"),
     Case("messages: moved the base model away, evaluated the run with --base",
          lambda w: [edit_json(w.run / "adapter" / adapter_folder.META_FILE, base_model_path=str(w.tmp / "gone"), base_model=str(w.tmp / "gone")),
                     *eval_args(w, w.run, w.tmp / "e", "--base", w.tmp / "model")][1:], "per-example results", 0),
