@@ -124,8 +124,11 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
 def inject(model: nn.Module, names: Iterable[str], r: int, lora_alpha: float, lora_dropout: float) -> dict[str, MiloraLinear]:
     """Freeze the model and replace each named nn.Linear by a MiloraLinear around it."""
     model.requires_grad_(False)
+    linear = set(linear_layer_names(model))
     adapters = {}
     for name in names:
+        if name not in linear:
+            raise ModelError(f"the model has no linear layer '{name}' to adapt: the adapter was trained on another model")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layer = MiloraLinear(getattr(parent, child), r, lora_alpha, lora_dropout)
@@ -187,6 +190,11 @@ def load_adapter_tensors(
         if set(tensors) != expected:
             missing = sorted(expected - set(tensors))[:1] or sorted(set(tensors) - expected)[:1]
             raise ModelError(f"{label} adapter factors do not match the model's adapted layers (first difference: {missing[0]})")
+    for name, layer in adapters.items():
+        needed = (tuple(layer.lora_A.weight.shape), tuple(layer.lora_B.weight.shape))
+        found = (tuple(trained[adapter_folder.key(name, "A")].shape), tuple(trained[adapter_folder.key(name, "B")].shape))
+        if found != needed:
+            raise ModelError(f"the factors of {name} have shapes {found}, the model's layer needs {needed}: the adapter was trained on another model")
     for name, layer in adapters.items():
         layer.set_factors(initial[adapter_folder.key(name, "A")], initial[adapter_folder.key(name, "B")])
         layer.set_factors(trained[adapter_folder.key(name, "A")], trained[adapter_folder.key(name, "B")], initial=False)

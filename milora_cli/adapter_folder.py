@@ -68,6 +68,11 @@ class Adapter:
     def layers(self) -> list[str]:
         return list(self.meta["target_modules"])
 
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """layer -> (out, in) of the base weight each factor pair was trained against."""
+        return {layer: (self.trained[key(layer, "B")].shape[0], self.trained[key(layer, "A")].shape[1]) for layer in self.layers}
+
     def factors(self, layer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(A, B, A0, B0) of one layer, float32."""
         return (self.trained[key(layer, "A")], self.trained[key(layer, "B")],

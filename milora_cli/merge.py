@@ -46,8 +46,7 @@ def merge(
     """Write the adapter at `adapter_path` merged into its base (or as a PEFT LoRA of it) to `output`."""
     console = console or Console(quiet=True)
     found = adapter_folder.open_adapter(adapter_path, "--adapter")
-    folder, meta, layers = found.folder, found.meta, found.layers
-    shapes = {layer: (found.trained[adapter_folder.key(layer, "B")].shape[0], found.trained[adapter_folder.key(layer, "A")].shape[1]) for layer in layers}
+    folder, meta, layers, shapes = found.folder, found.meta, found.layers, found.shapes
     limit = parse_size(max_shard_size)
     outputs.claim(output, "merge", "--output", force, inputs=[folder])  # before a base is downloaded
     name, revision, base_folder = adapter_folder.locate_base(base, meta, download=fmt == "merged")

@@ -21,6 +21,7 @@ import torch
 import yaml
 from rich.console import Console
 from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from helpers import milora
@@ -44,6 +45,7 @@ class World:
     data: Path
     bench: Path  # a --data-dir with a 4-question boolq
     tmp: Path
+    wide: Path  # a model of another architecture
 
     def checkpoint(self, step: int) -> Path:
         return self.stopped / "checkpoints" / f"step-{step:06d}"
@@ -71,7 +73,12 @@ def originals(tmp_path_factory, tiny_model_dir, tiny_data) -> dict[str, Path]:
     (bench / "commonsense/boolq").mkdir(parents=True)
     records = [{"instruction": f"Is {i} even?", "input": "", "answer": ["true", "false"][i % 2], "output": "true"} for i in range(4)]
     (bench / "commonsense/boolq/test.json").write_text(json.dumps(records))
-    return {"run": root / "run", "r8": root / "r8", "bench": bench}
+    wide = root / "wide"  # another architecture: the tiny Llama with hidden size 64
+    shutil.copytree(tiny_model_dir, wide)
+    config = LlamaConfig.from_pretrained(wide)
+    config.hidden_size, config.intermediate_size = 64, 128
+    LlamaForCausalLM(config).save_pretrained(wide)
+    return {"run": root / "run", "r8": root / "r8", "bench": bench, "wide": wide}
 
 
 @pytest.fixture
@@ -89,7 +96,7 @@ def world(originals, tiny_model_dir, tiny_data, tmp_path) -> World:
     shutil.copytree(tiny_model_dir, model)
     bench = tmp_path / "bench"
     shutil.copytree(originals["bench"], bench)
-    return World(run, stopped, stopped / "recipe.yaml", Path(tiny_model_dir), Path(tiny_data), bench, tmp_path)
+    return World(run, stopped, stopped / "recipe.yaml", Path(tiny_model_dir), Path(tiny_data), bench, tmp_path, originals["wide"])
 
 
 def cli(*args: str | Path) -> tuple[int, str, str]:
@@ -248,6 +255,10 @@ CASES = [
     Case("messages: moved the base model away, then evaluated the run",
          lambda w: [edit_json(w.run / "adapter" / adapter_folder.META_FILE, base_model_path=str(w.tmp / "gone"), base_model=str(w.tmp / "gone")),
                     *eval_args(w, w.run, w.tmp / "e")][1:], "pass --base"),
+    Case("messages: evaluated the run with --base of another architecture",
+         lambda w: eval_args(w, w.run, w.tmp / "e", "--base", w.wide), "trained on another model"),
+    Case("messages: ran svd-inspect on the run with --base of another architecture",
+         lambda w: ["svd-inspect", w.run, "--base", w.wide], "is not the architecture the adapter was trained on"),
     Case("messages: gave merge --base a data file", lambda w: ["merge", "--adapter", w.run, "--output", w.tmp / "m", "--base", w.data],
          "--base"),
     Case("messages: moved the base model away, evaluated the run with --base",

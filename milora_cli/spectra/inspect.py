@@ -19,6 +19,7 @@ from rich.table import Table
 
 from milora_cli import adapter_folder, outputs, shards
 from milora_cli.errors import InspectError
+from milora_cli.merge import check_base
 from milora_cli.models import quantisation_note
 from milora_cli.spectra.analysis import (
     Inspection, Spectrum, by_module, device, limit_cpu_threads, model_spectra, open_run,
@@ -77,6 +78,8 @@ def analyse(targets: list[str], modules: str | None, layers: str | None, rank: i
     if runs:
         model, folder = runs[0].meta["base_model"], runs[0].base
         index = shards.read_index(folder)
+        for run in runs:  # a --base of another architecture is refused, naming the first tensor that differs
+            check_base(index, None, run.adapter.shapes, model)
         layers_adapted = dict.fromkeys(layer for run in runs for layer in run.meta["target_modules"])
         weights = {layer: index[f"{layer}.weight"] for layer in layers_adapted}
     else:
