@@ -136,8 +136,8 @@ def open_adapter(path: Path, flag: str) -> Adapter:
     raise AdapterError(f"{flag} {path} is neither a run folder with adapter/ nor an adapter folder (no {META_FILE})")
 
 
-def locate_base(base: str | None, meta: dict[str, Any], download: bool) -> tuple[str, str | None, Path | None]:
-    """(name for from_pretrained, revision, local folder): --base, else the base the run trained on.
+def locate_base(base: str | None, meta: dict[str, Any], download: bool, flag: str = "--base") -> tuple[str, str | None, Path | None]:
+    """(name for from_pretrained, revision, local folder): `base` (given as `flag`), else the base the run trained on.
 
     A hub id is downloaded (weights included) only when `download`; a PEFT export needs just its name.
     """
@@ -150,9 +150,9 @@ def locate_base(base: str | None, meta: dict[str, Any], download: bool) -> tuple
             raise AdapterError(f"the base model the adapter was trained on, {recorded}, is no longer there; pass --base with its new location")
         base, revision = (str(recorded), None) if recorded.is_dir() else (meta["base_model"], meta["revision"])
     elif not Path(base).expanduser().exists() and base.startswith((".", "/", "~")):
-        raise AdapterError(f"--base {base} does not exist")
+        raise AdapterError(f"{flag} {base} does not exist")
     elif Path(base).expanduser().is_file():
-        raise AdapterError(f"--base {base} is a file; give a model folder, a hub id or smollm2-135m")
+        raise AdapterError(f"{flag} {base} is a file; give a model folder, a hub id or smollm2-135m")
     resolved = models.resolve(base)
     if Path(resolved).is_dir():
         return str(Path(resolved).resolve()), None, Path(resolved)

@@ -83,7 +83,7 @@ def analyse(targets: list[str], modules: str | None, layers: str | None, rank: i
         layers_adapted = dict.fromkeys(layer for run in runs for layer in run.meta["target_modules"])
         weights = {layer: index[f"{layer}.weight"] for layer in layers_adapted}
     else:
-        model, (_, _, folder) = targets[0], adapter_folder.locate_base(targets[0], {}, download=True)
+        model, (_, _, folder) = targets[0], adapter_folder.locate_base(targets[0], {}, download=True, flag="MODEL")
         weights = projection_weights(folder)
     names = select(weights, modules, layers)
     if not names:
