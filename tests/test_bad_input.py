@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import REPO, milora
 from rich.console import Console
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
-from helpers import milora
 from milora_cli import adapter_folder
 from milora_cli.cli import app
 from milora_cli.recipe import validate
@@ -343,3 +346,14 @@ class TestSubprocess:
         result = milora("svd-inspect", "smollm2-135m", "--layers", "0", env=env)
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and str(blocker) in result.stderr
+
+    def test_a_full_disk_is_one_line_naming_the_output(self, world):
+        """RLIMIT_FSIZE makes every write past 64 KiB fail as a full disk does (Python ignores SIGXFSZ)."""
+        out = world.tmp / "merged"
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+        result = subprocess.run([sys.executable, "-m", "milora_cli", "merge", "--adapter", str(world.run), "--output", str(out)],
+                                cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=limit, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip() == f"error: {out}: File too large" and not out.exists()
