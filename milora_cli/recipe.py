@@ -124,7 +124,7 @@ class TrainConfig(_Section):
 
 
 class OutputConfig(_Section):
-    dir: str = Field("out/run", description="Run folder: recipe.yaml, metrics.jsonl, checkpoints, the final adapter.")
+    dir: str = Field("out/run", min_length=1, description="Run folder: recipe.yaml, metrics.jsonl, checkpoints, the final adapter.")
     tensorboard: bool = Field(True, description="Also write TensorBoard logs when tensorboard is installed.")
 
 

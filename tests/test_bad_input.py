@@ -211,6 +211,7 @@ CASES = [
     Case("4 pointed --json at a folder", lambda w: ["svd-inspect", w.model, "--json", w.tmp], "is a folder"),
     Case("6 pointed --csv at a run's summary.json", lambda w: ["svd-inspect", w.run, "--csv", w.run / "summary.json"],
          "would replace a file of a training run"),
+    Case("4 gave output.dir='' (the current folder)", lambda w: ["train", w.recipe, "output.dir=''"], "output.dir"),
     # 5. a recipe that cannot train is refused before it writes recipe.yaml
     Case("5 set adapter.target_modules=[]",
          lambda w: ["train", w.recipe, "adapter.target_modules=[]", f"output.dir={w.tmp / 'new'}"], "adapter.target_modules"),
@@ -271,7 +272,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
-def test_bad_input(case: Case, world: World):
+def test_bad_input(case: Case, world: World, monkeypatch):
+    monkeypatch.chdir(world.tmp)  # a case that goes wrong writes here, never into the repository
     before = (world.run / "summary.json").read_bytes()
     code, out, err = cli(*case.setup(world))
     assert code == case.code, out + err
