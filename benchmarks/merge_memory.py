@@ -106,8 +106,8 @@ def build_adapter(folder: Path, base: Path, layers: int, rank: int, dtype: str) 
     factors = {}
     for name in names:
         out_features, in_features = index[f"{name}.weight"].shape
-        factors[f"{name}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features**0.5
-        factors[f"{name}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.01
+        factors[adapter_folder.key(name, "A")] = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+        factors[adapter_folder.key(name, "B")] = torch.randn(out_features, rank, generator=generator) * 0.01
     meta = {
         "init": "milora", "r": rank, "lora_alpha": float(rank), "scaling": 1.0, "lora_dropout": 0.0, "target_modules": names,
         "base_model": str(base), "base_model_path": str(base), "revision": None, "base_dtype": dtype,

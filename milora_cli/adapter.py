@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from milora_cli import svd
+from milora_cli import adapter_folder, svd
 from milora_cli.errors import ModelError
 from milora_cli.recipe import Init, SvdDriver, SvdDtype
 
@@ -95,8 +95,7 @@ class MiloraLinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The learned update dW = s (B A - B0 A0), float32, (out, in)."""
-        trained = self.lora_B.weight @ self.lora_A.weight
-        return self.scaling * (trained - self.lora_B0 @ self.lora_A0)
+        return adapter_folder.delta(self.lora_A.weight, self.lora_B.weight, self.lora_A0, self.lora_B0, self.scaling)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
@@ -129,8 +128,11 @@ def find_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]
 def inject(model: nn.Module, names: Iterable[str], r: int, lora_alpha: float, lora_dropout: float) -> dict[str, MiloraLinear]:
     """Freeze the model and replace each named nn.Linear by a MiloraLinear around it."""
     model.requires_grad_(False)
+    linear = set(linear_layer_names(model))
     adapters = {}
     for name in names:
+        if name not in linear:
+            raise ModelError(f"the model has no linear layer '{name}' to adapt: the adapter was trained on another model")
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layer = MiloraLinear(getattr(parent, child), r, lora_alpha, lora_dropout)
@@ -178,12 +180,13 @@ def initialise(
 
 def adapter_tensors(adapters: dict[str, MiloraLinear]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(trained, initial) factors keyed `{layer}.lora_A.weight` / `{layer}.lora_B.weight`, float32, CPU."""
+    def cpu(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().float().cpu().contiguous()
+
     trained, initial = {}, {}
     for name, layer in adapters.items():
-        trained[f"{name}.lora_A.weight"] = layer.lora_A.weight.detach().float().cpu().contiguous()
-        trained[f"{name}.lora_B.weight"] = layer.lora_B.weight.detach().float().cpu().contiguous()
-        initial[f"{name}.lora_A.weight"] = layer.lora_A0.detach().float().cpu().contiguous()
-        initial[f"{name}.lora_B.weight"] = layer.lora_B0.detach().float().cpu().contiguous()
+        trained |= {adapter_folder.key(name, "A"): cpu(layer.lora_A.weight), adapter_folder.key(name, "B"): cpu(layer.lora_B.weight)}
+        initial |= {adapter_folder.key(name, "A"): cpu(layer.lora_A0), adapter_folder.key(name, "B"): cpu(layer.lora_B0)}
     return trained, initial
 
 
@@ -191,14 +194,19 @@ def load_adapter_tensors(
     adapters: dict[str, MiloraLinear], trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
 ) -> None:
     """Inverse of adapter_tensors: the initial factors first, then the trained ones over them."""
-    expected = {f"{name}.lora_{part}.weight" for name in adapters for part in "AB"}
+    expected = {adapter_folder.key(name, part) for name in adapters for part in "AB"}
     for label, tensors in (("trained", trained), ("initial", initial)):
         if set(tensors) != expected:
             missing = sorted(expected - set(tensors))[:1] or sorted(set(tensors) - expected)[:1]
             raise ModelError(f"{label} adapter factors do not match the model's adapted layers (first difference: {missing[0]})")
     for name, layer in adapters.items():
-        layer.set_factors(initial[f"{name}.lora_A.weight"], initial[f"{name}.lora_B.weight"])
-        layer.set_factors(trained[f"{name}.lora_A.weight"], trained[f"{name}.lora_B.weight"], initial=False)
+        needed = (tuple(layer.lora_A.weight.shape), tuple(layer.lora_B.weight.shape))
+        found = (tuple(trained[adapter_folder.key(name, "A")].shape), tuple(trained[adapter_folder.key(name, "B")].shape))
+        if found != needed:
+            raise ModelError(f"the factors of {name} have shapes {found}, the model's layer needs {needed}: the adapter was trained on another model")
+    for name, layer in adapters.items():
+        layer.set_factors(initial[adapter_folder.key(name, "A")], initial[adapter_folder.key(name, "B")])
+        layer.set_factors(trained[adapter_folder.key(name, "A")], trained[adapter_folder.key(name, "B")], initial=False)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

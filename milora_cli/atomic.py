@@ -3,6 +3,7 @@ leaves either the previous version or the new one, never half of one."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -12,6 +13,29 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save
+
+from milora_cli.errors import DataError, MiloraError
+
+
+def read_text(path: Path, error: type[MiloraError] = DataError) -> str:
+    """A UTF-8 text file; text in another encoding is `error`, naming the file and the first bad byte."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as bad:
+        raise error(f"{path} is not UTF-8 text (byte 0x{bad.object[bad.start]:02x} at offset {bad.start}); save it as UTF-8") from None
+
+
+def read_json(path: Path, what: str, error: type[MiloraError] = DataError) -> dict:
+    """A JSON object from `path`, which `what` needs; a missing, damaged or non-object file is `error`."""
+    if not path.is_file():
+        raise error(f"{path} is missing: {what} is incomplete")
+    try:
+        data = json.loads(read_text(path, error))
+    except json.JSONDecodeError as bad:
+        raise error(f"{path} is damaged: not valid JSON ({bad}); {what} cannot be used") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} is damaged: a JSON object was expected, found {type(data).__name__}")
+    return data
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -25,9 +49,19 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise named(error, path) from None
         raise
+
+
+def named(error: OSError, path: Path, tmp: Path | None = None) -> OSError:
+    """An OSError that names the user's `path` for the CLI's one line: not the temporary `tmp` written
+    instead of it, nor nothing at all (a full disk's write() names no file)."""
+    if error.filename is None or (tmp is not None and str(tmp) in str(error.filename)):
+        return OSError(error.errno, error.strerror or str(error), str(path))
+    return error
 
 
 def default_mode(mode: int) -> int:
@@ -60,8 +94,8 @@ def atomic_folder(final: Path) -> Iterator[Path]:
             shutil.rmtree(stale, ignore_errors=True)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         yield tmp
         old = final.with_name(f".{final.name}-old")
         if final.exists():  # a folder cannot be replaced by rename: move the old one aside first
@@ -69,8 +103,10 @@ def atomic_folder(final: Path) -> Iterator[Path]:
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise named(error, final, tmp) from None
         raise
 
 

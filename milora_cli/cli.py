@@ -10,6 +10,7 @@ from typing import Annotated, Any, get_args
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from milora_cli.errors import MiloraError
 from milora_cli.recipe import DEFAULT_SHARD_SIZE
@@ -35,20 +36,32 @@ errors = Console(stderr=True)
 
 
 def user_errors(command):
-    """Turn known errors into `error: ...` on stderr and exit code 2, without a traceback."""
+    """Turn known errors into `error: ...` on stderr and exit code 2, without a traceback.
+
+    An OSError (a read-only place, a full disk, a file where a folder must be) is a user error too: it names
+    the path and the reason. The message is printed literally: `[fp32]` in it is text, not markup.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except MiloraError as error:
-            errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        except (MiloraError, OSError) as error:
+            errors.print(Text("error: ", style="bold red") + Text(describe(error)), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             errors.print("interrupted")
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def describe(error: Exception) -> str:
+    """One line for a user error; an OSError as `PATH: reason`."""
+    if isinstance(error, OSError) and not isinstance(error, MiloraError):
+        where = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+        return f"{where}: {error.strerror or error}" if where else f"{error.strerror or error}"
+    return str(error)
 
 
 @app.command()
@@ -138,40 +151,36 @@ def svd_inspect(
     plot: Annotated[
         Path | None, typer.Option(help="Write a PNG of the normalised spectra per module type (needs matplotlib).", show_default=False)
     ] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Base model of the runs (folder, hub id, smollm2-135m). Default: the one they trained on.", show_default=False)
+    ] = None,
 ) -> None:
     """Singular-value spectra of a model's linear weights; for runs, where the learned update lies in them."""
     from milora_cli.spectra.inspect import inspect
 
     inspect(
-        model, modules=modules, layers=layers, rank=rank, compare=compare, json_path=json_path, csv_path=csv_path, plot_path=plot, console=console
+        model, modules=modules, layers=layers, rank=rank, compare=compare, json_path=json_path, csv_path=csv_path, plot_path=plot,
+        console=console, base=base,
     )
+
+
+# eval's recipe keys -> the flags that set them, so that an error names what the user typed
+_EVAL_FLAGS = {"tasks": "--tasks", "data_dir": "--data-dir", "limit": "--limit", "batch_size": "--batch-size",
+               "num_beams": "--num-beams", "choice_max_new_tokens": "--max-new-tokens", "math_max_new_tokens": "--max-new-tokens"}
+
+
+_MODEL_OR_RUN = "Model folder, hub id or smollm2-135m; a merged folder; or a run dir / adapter folder (base + adapter, unmerged)."
+_TASKS = "Comma-separated: boolq,piqa,social_i_qa,hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa,gsm8k,math,math500,wikitext."
+_DATA_DIR = ("Task data laid out like ../shared/data: a folder, or a hub dataset id holding the same files. "
+             "Default: each task's public hub dataset (gsm8k, math500, wikitext).")
 
 
 @app.command("eval")
 @user_errors
 def eval_(
-    model_or_run: Annotated[
-        str,
-        typer.Argument(
-            help="Model folder, hub id or smollm2-135m; a merged folder; or a run dir / adapter folder (base + adapter, unmerged).",
-            show_default=False,
-        ),
-    ],
-    tasks: Annotated[
-        str,
-        typer.Option(
-            help="Comma-separated: boolq,piqa,social_i_qa,hellaswag,winogrande,ARC-Easy,ARC-Challenge,openbookqa,gsm8k,math,math500,wikitext.",
-            show_default=False,
-        ),
-    ],
-    data_dir: Annotated[
-        str | None,
-        typer.Option(
-            help="Task data laid out like ../shared/data: a folder, or a hub dataset id holding the same files. "
-            "Default: each task's public hub dataset (gsm8k, math500, wikitext).",
-            show_default=False,
-        ),
-    ] = None,
+    model_or_run: Annotated[str, typer.Argument(help=_MODEL_OR_RUN, show_default=False)],
+    tasks: Annotated[str, typer.Option(help=_TASKS, show_default=False)],
+    data_dir: Annotated[str | None, typer.Option(help=_DATA_DIR, show_default=False)] = None,
     limit: Annotated[int | None, typer.Option(help="First N examples per task (WikiText: N windows). Default: all.", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch. Default: 16.", show_default=False)] = None,
     num_beams: Annotated[int | None, typer.Option(help="Beam search width; 1 (the default) is greedy.", show_default=False)] = None,
@@ -185,7 +194,15 @@ def eval_(
         QuantizeChoice | None,
         typer.Option(help="Hold the base in nf4/fp4/int8 (bitsandbytes) or not (none). Default: a run's as trained, else none.", show_default=False),
     ] = None,
-    output: Annotated[Path, typer.Option(help="Results folder; an existing one of the same settings resumes.")] = Path("out/eval"),
+    output: Annotated[
+        Path, typer.Option(help="Results folder; an existing one of the same settings resumes, one of another kind is refused (see --force).")
+    ] = Path("out/eval"),
+    base: Annotated[
+        str | None, typer.Option(help="Base model of a run (folder, hub id, smollm2-135m). Default: the one it trained on.", show_default=False)
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an --output folder that holds another kind of result (a run, a merge, a model).")
+    ] = False,
 ) -> None:
     """Score a model or a run on the paper's benchmarks: per-example JSONL, summary JSON and a table. Resumes."""
     from milora_cli.recipe import eval_settings
@@ -193,8 +210,8 @@ def eval_(
 
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     cfg = eval_settings({"tasks": names, "data_dir": data_dir, "limit": limit, "batch_size": batch_size, "num_beams": num_beams,
-                         "choice_max_new_tokens": max_new_tokens, "math_max_new_tokens": max_new_tokens})
-    run_eval(model_or_run, cfg, output, dtype.value if dtype else None, console, quantize.value if quantize else None)
+                         "choice_max_new_tokens": max_new_tokens, "math_max_new_tokens": max_new_tokens}, _EVAL_FLAGS)
+    run_eval(model_or_run, cfg, output, dtype.value if dtype else None, console, quantize.value if quantize else None, base=base, force=force)
 
 
 def main() -> None:  # pragma: no cover - `python -m milora_cli`

@@ -35,3 +35,11 @@ class QuantizeError(MiloraError):
 
 class HubError(MiloraError):
     """A hub model or dataset id that is neither in the local cache nor fetchable from the hub."""
+
+
+class AdapterError(MiloraError):
+    """An adapter or checkpoint folder is missing a file, is damaged, or does not match its adapter_meta.json."""
+
+
+class OutputError(MiloraError):
+    """An output path cannot be written, or holds something the command did not create (see --force)."""

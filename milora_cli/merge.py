@@ -28,7 +28,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from milora_cli import adapter_folder, atomic, dtypes, models, shards
+from milora_cli import adapter_folder, atomic, dtypes, models, outputs, shards
 from milora_cli.errors import ExportError, ModelError
 from milora_cli.recipe import DEFAULT_SHARD_SIZE, Dtype, MergeFormat
 from milora_cli.runlog import versions
@@ -46,16 +46,12 @@ def merge(
 ) -> Path:
     """Write the adapter at `adapter_path` merged into its base (or as a PEFT LoRA of it) to `output`."""
     console = console or Console(quiet=True)
-    folder = locate_adapter(adapter_path)
-    trained, initial, meta = adapter_folder.read_adapter(folder)
-    layers = list(meta["target_modules"])
-    shapes = {layer: (trained[f"{layer}.lora_B.weight"].shape[0], trained[f"{layer}.lora_A.weight"].shape[1]) for layer in layers}
+    found = adapter_folder.open_adapter(adapter_path, "--adapter")
+    folder, meta, layers, shapes = found.folder, found.meta, found.layers, found.shapes
     limit = parse_size(max_shard_size)
-    _refuse_existing(output, force)
-    name, revision, base_folder = locate_base(base, meta, download=fmt == "merged")
-    for source in (folder, base_folder):
-        if source and (output.resolve() == source.resolve() or output.resolve() in source.resolve().parents):
-            raise ExportError(f"--output {output} holds {source}, which the merge reads; choose another folder")
+    outputs.claim(output, "merge", "--output", force, inputs=[folder])  # before a base is downloaded
+    name, revision, base_folder = adapter_folder.locate_base(base, meta, download=fmt == "merged")
+    outputs.refuse_inside(output, "--output", [base_folder])
     tensors = None
     if base_folder is None:
         console.print(f"[yellow]note:[/] base {name} is not on this machine: the adapter is not checked against its weights")
@@ -80,10 +76,10 @@ def merge(
     }
     with atomic.atomic_folder(output) as tmp:
         if fmt == "peft":
-            write_peft(tmp, trained, initial, meta, name, revision, tensors, dtype)
+            write_peft(tmp, found, name, revision, tensors, dtype)
             what = f"PEFT LoRA adapter of {name}"
         else:
-            n_shards, provenance["dtype"] = write_merged(tmp, base_folder, tensors, trained, initial, meta, dtype, limit)
+            n_shards, provenance["dtype"] = write_merged(tmp, base_folder, tensors, found, dtype, limit)
             what = f"{name} with the adapter merged ({n_shards} shard{'s' * (n_shards > 1)}, {provenance['dtype']})"
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
         (tmp / "README.md").write_text(_readme(provenance))
@@ -100,16 +96,6 @@ def _note_quantized(meta: dict[str, Any], name: str, console: Console) -> str:
     return quantized
 
 
-def locate_adapter(path: Path) -> Path:
-    """RUN -> RUN/adapter; an adapter folder (RUN/best, a checkpoint) as it is."""
-    folder = adapter_folder.find_adapter(path)
-    if folder is not None:
-        return folder
-    if not path.exists():
-        raise ExportError(f"--adapter {path} does not exist")
-    raise ExportError(f"--adapter {path} is neither a run folder with adapter/ nor an adapter folder (no {adapter_folder.META_FILE})")
-
-
 def parse_size(text: str) -> int:
     """Bytes of a size like 5GB (decimal units, as Hugging Face uses), 500MB or 2GiB."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
@@ -117,22 +103,6 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise ExportError(f"--max-shard-size: '{text}' is not a positive size like 5GB, 500MB or 2GiB")
     return size
-
-
-def locate_base(base: str | None, meta: dict[str, Any], download: bool) -> tuple[str, str | None, Path | None]:
-    """(name for from_pretrained, revision, local folder): --base, else the base the run trained on.
-
-    A hub id is downloaded (weights included) only when `download`; a PEFT export needs just its name.
-    """
-    revision = None
-    if base is None:
-        recorded = Path(meta["base_model_path"])
-        base, revision = (str(recorded), None) if recorded.is_dir() else (meta["base_model"], meta["revision"])
-    on_hub = models.is_hub(base)
-    if on_hub and not download:
-        return base, revision, None
-    folder = Path(models.resolve(base, revision))
-    return (base, revision, folder) if on_hub else (str(folder.resolve()), None, folder)
 
 
 def check_base(
@@ -166,10 +136,11 @@ def _trained_on(meta: dict[str, Any], base_folder: Path) -> dict[str, shards.Ten
 
 
 def write_merged(
-    folder: Path, base_folder: Path, tensors: dict[str, shards.TensorInfo], trained: dict[str, torch.Tensor],
-    initial: dict[str, torch.Tensor], meta: dict[str, Any], dtype: str | None, max_shard_size: int,
+    folder: Path, base_folder: Path, tensors: dict[str, shards.TensorInfo], found: adapter_folder.Adapter,
+    dtype: str | None, max_shard_size: int,
 ) -> tuple[int, str]:
     """A Hugging Face folder of the base with W' = W + s (B A - B0 A0); returns (shards, dtype written)."""
+    meta = found.meta
     layers, scaling = set(meta["target_modules"]), meta["scaling"]
     if dtype is None:  # the base's dtype (float64 bases are written as float32)
         base_dtype = tensors[f"{meta['target_modules'][0]}.weight"].dtype
@@ -181,8 +152,7 @@ def write_merged(
         for name, weight in zip(tensors, shards.read_tensors(tensors, tensors), strict=False):
             layer = name.removesuffix(".weight")
             if layer in layers and name != layer:
-                A = torch.cat([trained[f"{layer}.lora_A.weight"], initial[f"{layer}.lora_A.weight"]])  # (2r, in)
-                B = torch.cat([trained[f"{layer}.lora_B.weight"], -initial[f"{layer}.lora_B.weight"]], dim=1)  # (out, 2r)
+                B, A = found.stacked(layer)  # (out, 2r), (2r, in)
                 # B A = B_trained A_trained - B0 A0 in one float32 GEMM, added in place to a copy of W (the
                 # read tensor is a view of the file): no (out, in) temporaries besides W' itself.
                 weight = weight.to(torch.float32, copy=True).addmm_(B, A, alpha=scaling)
@@ -207,21 +177,20 @@ def _copy_model_files(base_folder: Path, folder: Path, dtype: str) -> None:
 
 
 def write_peft(
-    folder: Path, trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], meta: dict[str, Any], base: str,
-    revision: str | None, tensors: dict[str, shards.TensorInfo] | None, dtype: str | None,
+    folder: Path, found: adapter_folder.Adapter, base: str, revision: str | None,
+    tensors: dict[str, shards.TensorInfo] | None, dtype: str | None,
 ) -> None:
     """adapter_config.json + adapter_model.safetensors: a standard PEFT LoRA of the ORIGINAL base."""
-    layers = list(meta["target_modules"])
+    meta, layers = found.meta, found.layers
     # Plain LoRA runs have B0 = 0: the correction vanishes and the rank stays r.
-    factor = 2 if any(initial[f"{layer}.lora_B.weight"].any() for layer in layers) else 1
+    factor = 2 if found.has_correction else 1
     weights = {}
     for layer in layers:
-        A, B = trained[f"{layer}.lora_A.weight"], trained[f"{layer}.lora_B.weight"]
+        A, B, _, _ = found.factors(layer)
         if factor == 2:
-            A = torch.cat([A, initial[f"{layer}.lora_A.weight"]], dim=0)  # (2r, in)
-            B = torch.cat([B, -initial[f"{layer}.lora_B.weight"]], dim=1)  # (out, 2r)
+            B, A = found.stacked(layer)  # (out, 2r), (2r, in)
         for part, value in (("A", A), ("B", B)):
-            weights[f"base_model.model.{layer}.lora_{part}.weight"] = value.to(dtypes.TORCH[dtype or "fp32"]).contiguous()
+            weights["base_model.model." + adapter_folder.key(layer, part)] = value.to(dtypes.TORCH[dtype or "fp32"]).contiguous()
     alpha = meta["lora_alpha"] * factor
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "revision": revision,
@@ -257,8 +226,3 @@ def _readme(provenance: dict[str, Any]) -> str:
         source = provenance["derived_from"]
         lines += ["", f"The base derives from {source['gguf_file']}: {source['note']}."]
     return "\n".join(lines) + "\n"
-
-
-def _refuse_existing(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise ExportError(f"--output {output} exists; choose another folder or add --force to replace it")

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from milora_cli import atomic
 from milora_cli.errors import RecipeError
 
 DEFAULT_SHARD_SIZE = "5GB"  # the largest weight file of a merged folder, as transformers' save_pretrained
@@ -84,6 +85,13 @@ class AdapterConfig(_Section):
     def _one_name(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) and value != "all-linear" else value
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, value: Any) -> Any:
+        if value == []:
+            raise ValueError("name at least one layer, e.g. [q_proj, v_proj], or all-linear")
+        return value
+
     @model_validator(mode="after")
     def _default_alpha(self) -> AdapterConfig:
         if self.alpha is None:
@@ -144,7 +152,7 @@ class TrainConfig(_Section):
 
 
 class OutputConfig(_Section):
-    dir: str = Field("out/run", description="Run folder: recipe.yaml, metrics.jsonl, checkpoints, the final adapter.")
+    dir: str = Field("out/run", min_length=1, description="Run folder: recipe.yaml, metrics.jsonl, checkpoints, the final adapter.")
     tensorboard: bool = Field(True, description="Also write TensorBoard logs when tensorboard is installed.")
 
 
@@ -177,12 +185,16 @@ class Recipe(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out generation score and benchmarks.")
 
 
-def eval_settings(values: dict[str, Any]) -> EvalConfig:
-    """An `eval` section from command-line values (None: the default); the first problem as one line."""
+def eval_settings(values: dict[str, Any], flags: dict[str, str] | None = None) -> EvalConfig:
+    """An `eval` section from command-line values (None: the default); the first problem as one line naming
+    the key, or the flag that set it (`flags`: key -> flag)."""
     try:
         return EvalConfig.model_validate({key: value for key, value in values.items() if value is not None})
     except ValidationError as error:
-        raise RecipeError(_describe(error.errors()[0]).removeprefix("eval.")) from None
+        problem = error.errors()[0]
+        where = str(problem["loc"][0])
+        message = _describe(problem).removeprefix("eval.").removeprefix(f"{where}: ")
+        raise RecipeError(f"{(flags or {}).get(where, where)}: {message}") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -191,7 +203,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(atomic.read_text(path, RecipeError)) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -42,7 +42,7 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         kept = ""
         if resume_step is not None and self.path.is_file():
-            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]  # damaged lines are dropped
             kept = "".join(line + "\n" for line in lines if _step_of(line) <= resume_step)
         self.handle = self.path.open("w")
         self.handle.write(kept)

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from milora_cli import dtypes
+from milora_cli import atomic, dtypes
 from milora_cli.errors import ModelError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,19 +42,25 @@ def read_index(folder: Path) -> dict[str, TensorInfo]:
     """Names, dtypes and shapes of a model folder's tensors, file by file, from the safetensors headers."""
     index = folder / INDEX_FILE
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = atomic.read_json(index, f"the model {folder}", ModelError).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelError(f"{index} is damaged: it has no weight_map")
+        files = sorted(set(map(str, weight_map.values())))
     elif (folder / SINGLE_FILE).is_file():
         files = [SINGLE_FILE]
     else:
         raise ModelError(f"{folder} has no {SINGLE_FILE} nor {INDEX_FILE}; milora reads safetensors weights only")
     tensors = {}
     for file in files:
-        with safe_open(folder / file, "pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
-                part = handle.get_slice(name)
-                if part.get_dtype() not in dtypes.SAFETENSORS:
-                    raise ModelError(f"tensor '{name}' of {folder} has dtype {part.get_dtype()}, which milora does not handle")
-                tensors[name] = TensorInfo(folder / file, part.get_dtype(), tuple(part.get_shape()))
+        try:
+            with safe_open(folder / file, "pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
+                    part = handle.get_slice(name)
+                    if part.get_dtype() not in dtypes.SAFETENSORS:
+                        raise ModelError(f"tensor '{name}' of {folder} has dtype {part.get_dtype()}, which milora does not handle")
+                    tensors[name] = TensorInfo(folder / file, part.get_dtype(), tuple(part.get_shape()))
+        except SafetensorError as error:
+            raise ModelError(f"{folder / file} is damaged: not a readable safetensors file ({error})") from None
     return tensors
 
 

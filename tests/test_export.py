@@ -43,10 +43,11 @@ def short_run(model: str, data: str, out: Path, init: str, r: int, targets, lr: 
 
 def trained_model(folder: Path):
     """The model as training left it: the base with the milora layers and the saved factors."""
-    trained, initial, meta = adapter_folder.read_adapter(folder)
+    found = adapter_folder.read_adapter(folder)
+    meta = found.meta
     model = models.load_model(meta["base_model_path"], meta["base_dtype"])
     layers = adapter.inject(model, meta["target_modules"], meta["r"], meta["lora_alpha"], 0.0)
-    adapter.load_adapter_tensors(layers, trained, initial)
+    adapter.load_adapter_tensors(layers, found.trained, found.initial)
     return model
 
 
@@ -105,11 +106,11 @@ def test_merged_folder_and_peft_adapter_give_the_trained_logits(tiny_runs, tiny_
     assert rel_max_error(peft_logits(peft_dir, ids), expected) <= 1e-5
 
     if init != "lora":  # why the export needs B0 A0: "base + s B A" on the original weights is another model
-        trained, _, meta = adapter_folder.read_adapter(run / "adapter")
+        found = adapter_folder.read_adapter(run / "adapter")
         with torch.no_grad():
-            for layer in meta["target_modules"]:
-                update = trained[f"{layer}.lora_B.weight"] @ trained[f"{layer}.lora_A.weight"]
-                base.get_submodule(layer).weight += meta["scaling"] * update
+            for layer in found.layers:
+                A, B, _, _ = found.factors(layer)
+                base.get_submodule(layer).weight += found.meta["scaling"] * (B @ A)
         assert rel_max_error(logits(base, ids), expected) > 1e-2
 
 
@@ -175,7 +176,7 @@ def synthetic_adapter(root: Path, n_layers: int = 24, size: int = 2048, r: int =
     layers = [f"model.layers.{i}.mlp.up_proj" for i in (0, n_layers - 1)]
     g = torch.Generator().manual_seed(0)
     def factors():
-        return {f"{layer}.lora_{p}.weight": torch.randn(*((r, size) if p == "A" else (size, r)), generator=g) for layer in layers for p in "AB"}
+        return {adapter_folder.key(layer, p): torch.randn(*((r, size) if p == "A" else (size, r)), generator=g) for layer in layers for p in "AB"}
     trained, initial = factors(), factors()
     meta = {"init": "milora", "r": r, "lora_alpha": r, "scaling": 1.0, "lora_dropout": 0.0, "target_modules": layers,
             "base_model": str(base), "base_model_path": str(base), "revision": None, "base_dtype": "fp32",
@@ -183,7 +184,7 @@ def synthetic_adapter(root: Path, n_layers: int = 24, size: int = 2048, r: int =
     (root / "adapter").mkdir()
     adapter_folder.write_adapter(root / "adapter", trained, initial, meta, "")
     def product(factors: dict[str, torch.Tensor], layer: str) -> torch.Tensor:
-        return factors[f"{layer}.lora_B.weight"] @ factors[f"{layer}.lora_A.weight"]
+        return factors[adapter_folder.key(layer, "B")] @ factors[adapter_folder.key(layer, "A")]
     delta = {layer: product(trained, layer) - product(initial, layer) for layer in layers}
     return root / "adapter", {f"{layer}.weight": weights[f"{layer}.weight"] + d for layer, d in delta.items()}
 

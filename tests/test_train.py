@@ -61,7 +61,8 @@ def test_max_steps_zero_saves_the_initialised_adapter(tiny_model_dir, tiny_data,
     out = tmp_path / "init"
     summary = run(tiny_recipe(tiny_model_dir, tiny_data, out, max_steps=0))
     assert summary["steps"] == 0
-    trained, initial, meta = adapter_folder.read_adapter(out / "adapter")
+    found = adapter_folder.read_adapter(out / "adapter")
+    trained, initial, meta = found.trained, found.initial, found.meta
     assert trained.keys() == initial.keys() and all(torch.equal(trained[k], initial[k]) for k in trained)
     assert meta["init"] == "milora" and meta["step"] == 0 and len(meta["target_modules"]) == 14
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from milora_cli import locate
+from milora_cli import atomic, locate
 from milora_cli.data import builtin
 from milora_cli.errors import DataError
 from milora_cli.evaluation.answers import ANSWER_MARKER
@@ -162,7 +162,7 @@ def normalize_record(raw: dict, fmt: str, *, source: str = "<record>", index: in
 
 def _read_json(path: Path) -> list[Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(atomic.read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e}); a .json data file is one list of records") from e
     if not isinstance(data, list):
@@ -172,7 +172,7 @@ def _read_json(path: Path) -> list[Any]:
 
 def _read_jsonl(path: Path) -> list[Any]:
     records = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_no, line in enumerate(atomic.read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -183,9 +183,13 @@ def _read_jsonl(path: Path) -> list[Any]:
 
 
 def _read_parquet(path: Path) -> list[Any]:
+    import pyarrow
     import pyarrow.parquet as pq  # imported here: only parquet users pay for it
 
-    return pq.read_table(path).to_pylist()
+    try:
+        return pq.read_table(path).to_pylist()
+    except pyarrow.ArrowException as error:
+        raise DataError(f"{path}: not a readable parquet file ({error})") from None
 
 
 _READERS: dict[str, Callable[[Path], list[Any]]] = {

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from milora_cli import adapter, adapter_folder, atomic, merge, models, quantize
+from milora_cli import adapter, adapter_folder, atomic, models, outputs, quantize
 from milora_cli.evaluation import generate, tasks
 from milora_cli.errors import EvalError
 from milora_cli.recipe import EvalConfig, Quantize
@@ -39,36 +39,46 @@ RESULTS_FILE, SUMMARY_FILE, SETTINGS_FILE = "predictions.jsonl", "summary.json",
 
 
 def run(model_or_run: str, cfg: EvalConfig, output: Path, dtype: str | None, console: Console,
-        quantized: Quantize | None = None) -> dict[str, Any]:
+        quantized: Quantize | None = None, *, base: str | None = None, force: bool = False) -> dict[str, Any]:
     """Load MODEL_OR_RUN and score it on cfg.tasks into `output`; returns the summary."""
+    source = Path(model_or_run).expanduser()
+    outputs.claim(output, "eval", "--output", force, inputs=[source] if source.exists() else [])
+    tasks.check_data(cfg.tasks, cfg.data_dir, "--data-dir")  # data first: a missing file fails before a model loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for name in cfg.tasks:  # data first: a missing file or hub dataset fails before a model is loaded
-        tasks.data_files(tasks.TASKS[name], cfg.data_dir)
-    model, tokenizer, identity = load(model_or_run, dtype, device, console, quantized)
+    model, tokenizer, identity = load(model_or_run, dtype, device, console, quantized, base=base)
     return evaluate_model(model, tokenizer, cfg, output, identity, console)
 
 
-def load(name: str, dtype: str | None, device: str, console: Console, quantized: Quantize | None = None) -> tuple[Any, Any, str]:
+def load(name: str, dtype: str | None, device: str, console: Console, quantized: Quantize | None = None,
+         *, base: str | None = None) -> tuple[Any, Any, str]:
     """(model, tokenizer, identity): a run or adapter folder is its base with the adapter injected, unmerged.
 
     A run is scored as it trained: on its base quantized as in training, unless `quantized` says otherwise.
     """
     folder = adapter_folder.find_adapter(Path(name).expanduser())
-    if folder is None:
-        resolved = models.resolve(name)
-        dtype, quantized = dtype or models.checkpoint_dtype(resolved), quantized or "none"  # scores comparable with the run that made it
-        tokenizer = models.load_tokenizer(resolved)  # first: the cheaper load fails faster
-        identity = f"{name if models.is_hub(name) else Path(resolved).resolve()} [{_storage(dtype, quantized)}]"
-        return _load_base(resolved, dtype, device, quantized), tokenizer, identity
-    trained, initial, meta = adapter_folder.read_adapter(folder)
-    base, _, base_folder = merge.locate_base(None, meta, download=True)
+    if folder is not None:
+        return _load_run(folder, dtype, device, console, quantized, base)
+    if base is not None:
+        raise EvalError(f"--base is for a run or adapter folder; {name} is a model")
+    resolved = models.resolve(name)
+    dtype, quantized = dtype or models.checkpoint_dtype(resolved), quantized or "none"  # scores comparable with the run that made it
+    tokenizer = models.load_tokenizer(resolved)  # first: the cheaper load fails faster
+    identity = f"{name if models.is_hub(name) else Path(resolved).resolve()} [{_storage(dtype, quantized)}]"
+    return _load_base(resolved, dtype, device, quantized), tokenizer, identity
+
+
+def _load_run(folder: Path, dtype: str | None, device: str, console: Console, quantized: Quantize | None,
+              base: str | None) -> tuple[Any, Any, str]:
+    found = adapter_folder.read_adapter(folder)
+    meta = found.meta
+    base, _, base_folder = adapter_folder.locate_base(base, meta, download=True)
     compute, quantized = dtype or meta["base_dtype"], quantized or meta.get("base_quantize", "none")
     model = _load_base(str(base_folder), compute, device, quantized)
     adapters = adapter.inject(model, meta["target_modules"], meta["r"], meta["lora_alpha"], 0.0)
     seen = models.weights_fingerprint(quantize.full_precision_weights(adapters, quantized, str(base_folder), None, compute))
     if dtype is None and seen != meta["base_fingerprint"]:
         console.print(f"[yellow]warning:[/] the weights of {base} differ from those the adapter was trained on")
-    adapter.load_adapter_tensors(adapters, trained, initial)
+    adapter.load_adapter_tensors(adapters, found.trained, found.initial)
     identity = f"{folder.resolve()} ({meta['init']} r={meta['r']}, step {meta.get('step')}) on {base} [{_storage(compute, quantized)}]"
     return model.eval(), models.load_tokenizer(str(base_folder)), identity
 
@@ -160,7 +170,7 @@ class Results:
         folder.mkdir(parents=True, exist_ok=True)
         saved = folder / SETTINGS_FILE
         if saved.is_file():
-            old = json.loads(saved.read_text())
+            old = atomic.read_json(saved, f"the eval in {folder}", EvalError)
             for key in sorted(set(old) | set(settings)):
                 if old.get(key) != settings.get(key):
                     raise EvalError(
@@ -175,13 +185,13 @@ class Results:
     def _read(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
             return []
-        text = self.path.read_text(encoding="utf-8")
-        lines = text.split("\n")
+        lines = self.path.read_bytes().split(b"\n")
         records, whole = [], True
         for line in lines[:-1]:  # every complete line; lines[-1] is "" unless the last line was torn
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+            record = _record(line)
+            if record is not None:
+                records.append(record)
+            else:  # a damaged line is scored again
                 whole = False
         if lines[-1] or not whole:  # rewrite without the damage, so appends start on a clean line
             atomic.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in records))
@@ -204,6 +214,18 @@ class Results:
         if ordered != self.records:
             atomic.write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in ordered))
             self.records = ordered
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    """One line of predictions.jsonl, or None when it is damaged (not UTF-8, not JSON, or lacking what summarise reads)."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("task") not in tasks.TASKS or not {"id", "correct"} <= set(record):
+        return None
+    windows = tasks.TASKS[record["task"]].kind == "perplexity"
+    return record if not windows or all(isinstance(record.get(key), (int, float)) for key in ("nll", "tokens")) else None
 
 
 def summarise(records: list[dict[str, Any]], selected: dict[str, set[str]]) -> dict[str, Any]:
@@ -259,25 +281,3 @@ def table(summaries: dict[str, dict[str, Any]]) -> Table:
 def _progress(console: Console, enabled: bool) -> Iterator[Progress]:
     with Progress(*bar_columns(), console=console, disable=not enabled) as bar:
         yield bar
-
-
-class TrainingBenchmarks:
-    """A recipe's eval.tasks scored during training (eval.every) into RUN/eval/step-N and after it into RUN/eval/final."""
-
-    def __init__(self, cfg: EvalConfig, model, tokenizer, run_dir: Path, console: Console, enabled: bool):
-        self.cfg, self.model, self.tokenizer, self.run_dir, self.console = cfg, model, tokenizer, run_dir, console
-        self.enabled = enabled and bool(cfg.tasks)
-
-    def at_step(self, step: int, max_steps: int) -> None:
-        if self.enabled and self.cfg.every and step % self.cfg.every == 0 and step < max_steps:
-            self._run(f"step-{step:06d}", step)
-
-    def after_training(self, step: int) -> dict[str, Any]:
-        """{"benchmarks": scores per task} of the final model; {} when the recipe names no tasks."""
-        return {"benchmarks": self._run("final", step)["tasks"]} if self.enabled else {}
-
-    def _run(self, name: str, step: int) -> dict[str, Any]:
-        identity = f"{self.run_dir.resolve()} at step {step}"
-        self.console.print(f"benchmarks at step {step}: {', '.join(self.cfg.tasks)}")
-        output = self.run_dir / "eval" / name
-        return evaluate_model(self.model, self.tokenizer, self.cfg, output, identity, self.console, bars=False)

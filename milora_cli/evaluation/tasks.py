@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from milora_cli import locate
+from milora_cli import atomic, locate
 from milora_cli.data import records
 from milora_cli.errors import DataError, EvalError
 from milora_cli.evaluation import answers
@@ -121,22 +121,30 @@ def load_items(task: Task, data_dir: str | None, limit: int | None) -> list[Item
         raise EvalError(f"{source}: records lack the key {error} that task {task.name} needs") from None
 
 
+def check_data(names: list[str], data_dir: str | None, flag: str) -> None:
+    """Refuse data that lacks a task's file now, before a model is loaded or anything trained."""
+    if data_dir is not None and locate.is_local(data_dir) and not Path(data_dir).expanduser().is_dir():
+        raise EvalError(f"{flag} {data_dir} is not a folder; it must be laid out like ../shared/data")
+    for name in dict.fromkeys(names):
+        data_files(TASKS[name], data_dir, flag)
+
+
 def load_text(task: Task, data_dir: str | None) -> str:
     """The whole text of a perplexity task: a .txt file, or the `text` rows of hub parquet files."""
     files = data_files(task, data_dir)
-    return "".join(file.read_text(encoding="utf-8") if file.suffix == ".txt" else "".join(row["text"] for row in _read(file))
+    return "".join(atomic.read_text(file, EvalError) if file.suffix == ".txt" else "".join(row["text"] for row in _read(file))
                    for file in files)
 
 
-def data_files(task: Task, data_dir: str | None) -> list[Path]:
-    """The task's files on this machine: under --data-dir (a folder or a hub dataset id), else its hub dataset's."""
+def data_files(task: Task, data_dir: str | None, flag: str = "--data-dir") -> list[Path]:
+    """The task's files on this machine: under `flag` (a folder or a hub dataset id), else its hub dataset's."""
     if data_dir is None and task.hub is None:
-        raise EvalError(f"task {task.name}: no public hub dataset holds its data; pass --data-dir (a folder or a hub "
+        raise EvalError(f"task {task.name}: no public hub dataset holds its data; pass {flag} (a folder or a hub "
                         f"dataset id laid out like ../shared/data, with {task.local})")
     if data_dir is not None and locate.is_local(data_dir):
         path = Path(data_dir).expanduser() / task.local
         if not path.is_file():
-            raise EvalError(f"task {task.name}: {path} not found; --data-dir must be laid out like ../shared/data ({task.local})")
+            raise EvalError(f"task {task.name}: {path} not found; {flag} must be laid out like ../shared/data ({task.local})")
         return [path]
     repo, pattern = (data_dir, task.local) if data_dir is not None else (task.hub.repo, task.hub.pattern)
     folder = locate.hub_snapshot(repo, "dataset", patterns=[pattern])
@@ -147,7 +155,13 @@ def data_files(task: Task, data_dir: str | None) -> list[Path]:
 
 
 def _read(path: Path) -> list[dict]:
+    """The records of one benchmark file: a non-empty list of JSON objects (an empty task would score 0%)."""
     try:
-        return records.read_file(path)
+        found = records.read_file(path)
     except DataError as error:
         raise EvalError(str(error)) from None
+    if not all(isinstance(record, dict) for record in found):
+        raise EvalError(f"{path}: a benchmark file holds a list of records (JSON objects)")
+    if not found:
+        raise EvalError(f"{path}: no records; a task with no examples would score 0% and pull the average down")
+    return found

@@ -236,25 +236,22 @@ class Run:
     """A trained adapter and the base it was trained on."""
 
     label: str  # the path as the user gave it
-    folder: Path  # the adapter folder (RUN/adapter, RUN/best, a checkpoint)
-    meta: dict[str, Any]
-    trained: dict[str, torch.Tensor]
-    initial: dict[str, torch.Tensor]
+    adapter: adapter_folder.Adapter  # RUN/adapter, RUN/best or a checkpoint
     base: Path  # the base model's local folder
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.adapter.meta
 
     def delta(self, layer: str) -> torch.Tensor:
         """dW = s (B A - B0 A0) of one layer, float64 (the difference of two close products needs it)."""
-        A, B = (self.trained[f"{layer}.lora_{part}.weight"].double() for part in "AB")  # (r, in), (out, r)
-        A0, B0 = (self.initial[f"{layer}.lora_{part}.weight"].double() for part in "AB")
-        return self.meta["scaling"] * (B @ A - B0 @ A0)  # (out, in)
+        return self.adapter.delta(layer, torch.float64)  # (out, in)
 
 
-def open_run(path: Path, folder: Path) -> Run:
-    from milora_cli.merge import locate_base  # the base the run trained on, as merge finds it
-
-    trained, initial, meta = adapter_folder.read_adapter(folder)
-    _, _, base = locate_base(None, meta, download=True)
-    return Run(str(path), folder, meta, trained, initial, base)
+def open_run(path: Path, base: str | None = None) -> Run:
+    """The run at `path` (RUN, RUN/best, a checkpoint) and its base: --base, else the one it trained on."""
+    found = adapter_folder.open_adapter(path, "MODEL")
+    return Run(str(path), found, adapter_folder.locate_base(base, found.meta, download=True)[2])
 
 
 def run_updates(runs: list[Run], names: list[str], rank: int | None) -> dict[str, dict[str, UpdateStats]]:

@@ -36,7 +36,7 @@ def write_json(found: Inspection, path: Path) -> None:
         for s in found.spectra
     ]
     runs = [
-        {"run": run.label, "adapter": str(run.folder), "init": run.meta["init"], "r": run.meta["r"],
+        {"run": run.label, "adapter": str(run.adapter.folder), "init": run.meta["init"], "r": run.meta["r"],
          "lora_alpha": run.meta["lora_alpha"], "step": run.meta.get("step"), "base_model": run.meta["base_model"],
          "matrices": [{"name": name, **{k: _finite(v) for k, v in asdict(stats).items()}} for name, stats in found.updates[run.label].items()]}
         for run in found.runs

@@ -17,8 +17,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from milora_cli import adapter_folder, locate, shards
+from milora_cli import adapter_folder, locate, outputs, shards
 from milora_cli.errors import InspectError
+from milora_cli.merge import check_base
 from milora_cli.models import EMBEDDED, quantisation_note
 from milora_cli.spectra.analysis import (
     Inspection, Spectrum, by_module, device, limit_cpu_threads, model_spectra, open_run,
@@ -35,14 +36,17 @@ _BLOCKS = "▁▂▃▄▅▆▇█"
 def inspect(
     targets: list[str], *, modules: str | None = None, layers: str | None = None, rank: int | None = None,
     compare: bool = False, json_path: Path | None = None, csv_path: Path | None = None, plot_path: Path | None = None,
-    console: Console | None = None,
+    console: Console | None = None, base: str | None = None,
 ) -> Inspection:
     """Analyse, print, and write the files asked for; returns the analysis."""
     console = console or Console(quiet=True)
     if plot_path:
         require_matplotlib()
     start = time.perf_counter()
-    found = analyse(targets, modules, layers, rank, compare)
+    for flag, path in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path)):
+        if path:
+            outputs.refuse_file(path, flag)
+    found = analyse(targets, modules, layers, rank, compare, base)
     seconds = time.perf_counter() - start
     show(found, compare or len(found.runs) > 1, seconds, console)
     for path, write in ((json_path, write_json), (csv_path, write_csv), (plot_path, write_plot)):
@@ -53,10 +57,9 @@ def inspect(
     return found
 
 
-def analyse(targets: list[str], modules: str | None, layers: str | None, rank: int | None, compare: bool) -> Inspection:
+def analyse(targets: list[str], modules: str | None, layers: str | None, rank: int | None, compare: bool,
+            base: str | None = None) -> Inspection:
     """1. runs or a model  2. the chosen matrices  3. their spectra  4. the runs' updates against them."""
-    from milora_cli.merge import locate_base
-
     for target in targets:
         if not Path(target).expanduser().exists() and target not in EMBEDDED and locate.is_local(target):
             raise InspectError(f"'{target}' does not exist (MODEL is a model folder, a run dir, a hub id or smollm2-135m)")
@@ -66,17 +69,21 @@ def analyse(targets: list[str], modules: str | None, layers: str | None, rank: i
             f"'{targets[folders.index(None)]}' is not a training run (no adapter_meta.json in it or in its adapter/); "
             "--compare and several arguments take runs only"
         )
-    runs = [open_run(Path(target), folder) for target, folder in zip(targets, folders, strict=False) if folder is not None]
+    if base is not None and None in folders:
+        raise InspectError("--base is for runs; a model is inspected as it is")
+    runs = [open_run(Path(target), base) for target, folder in zip(targets, folders, strict=False) if folder is not None]
     if len({run.base.resolve() for run in runs}) > 1:
         bases = ", ".join(sorted({run.meta["base_model"] for run in runs}))
         raise InspectError(f"the runs were trained on different base models ({bases}); compare runs of one base")
     if runs:
         model, folder = runs[0].meta["base_model"], runs[0].base
         index = shards.read_index(folder)
+        for run in runs:  # a --base of another architecture is refused, naming the first tensor that differs
+            check_base(index, None, run.adapter.shapes, model)
         layers_adapted = dict.fromkeys(layer for run in runs for layer in run.meta["target_modules"])
         weights = {layer: index[f"{layer}.weight"] for layer in layers_adapted}
     else:
-        model, (_, _, folder) = targets[0], locate_base(targets[0], {}, download=True)
+        model, (_, _, folder) = targets[0], adapter_folder.locate_base(targets[0], {}, download=True, flag="MODEL")
         weights = projection_weights(folder)
     names = select(weights, modules, layers)
     if not names:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from rich.console import Console
 from milora_cli import adapter, models, quantize
 from milora_cli.data import records, tokens
 from milora_cli.errors import RecipeError
+from milora_cli.evaluation import tasks
 from milora_cli.recipe import Recipe, dump_recipe
 from milora_cli.training import init_cache
 
@@ -35,7 +37,11 @@ class Setup:
 
 
 def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO") -> Setup:
-    """Load the model and tokenizer, inject adapters (not yet initialised), tokenise the data."""
+    """Load the model and tokenizer, inject adapters (not yet initialised), tokenise the data.
+
+    Everything the recipe names is checked here, before the run folder is written or a step trained.
+    """
+    tasks.check_data(recipe.eval.tasks, recipe.eval.data_dir, "eval.data_dir")
     train_examples, val_examples = records.load_records(recipe.data, recipe.train.seed)  # first: no model load to fail after
     cfg = recipe.model
     quantize.check(cfg.quantize, cfg.dtype, torch.device(device).type, distributed)
@@ -102,7 +108,9 @@ def initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console: 
         "init": recipe.adapter.init, "r": recipe.adapter.r, "lora_alpha": recipe.adapter.alpha,
         "scaling": recipe.adapter.alpha / recipe.adapter.r, "lora_dropout": recipe.adapter.dropout,
         "target_modules": list(setup.adapters), "base_model": recipe.model.name_or_path,
-        "base_model_path": setup.model_path, "revision": recipe.model.revision, "base_dtype": recipe.model.dtype,
+        # absolute, so that the run is usable from any folder
+        "base_model_path": str(Path(setup.model_path).resolve()) if Path(setup.model_path).is_dir() else setup.model_path,
+        "revision": recipe.model.revision, "base_dtype": recipe.model.dtype,
         "base_quantize": model_cfg.quantize, "base_fingerprint": models.weights_fingerprint(weights),
     }
     summary = {"run_dir": recipe.output.dir, "init_seconds": seconds, "init_decomposed": report.computed,

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save
+
+from milora_cli import adapter_folder, atomic
+from milora_cli.errors import AdapterError
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -24,14 +27,21 @@ def write_training_state(folder: Path, optimizer: torch.optim.Optimizer, state: 
     opt = optimizer.state_dict()
     tensors = {f"state.{index}.{key}": value.detach().cpu().contiguous() for index, entry in opt["state"].items() for key, value in entry.items()}
     tensors.update({f"rng.{key}": value for key, value in rng.items()})
-    save_file(tensors, folder / OPTIMIZER_FILE)
-    (folder / STATE_FILE).write_text(json.dumps({**state, "param_groups": opt["param_groups"]}, indent=2))
+    data = save(tensors)
+    (folder / OPTIMIZER_FILE).write_bytes(data)
+    checksums = {OPTIMIZER_FILE: adapter_folder.sha256(data)}
+    (folder / STATE_FILE).write_text(json.dumps({**state, "param_groups": opt["param_groups"], "checksums": checksums}, indent=2))
 
 
 def read_training_state(folder: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Load the optimizer in place; return (trainer state, RNG states)."""
-    tensors = load_file(folder / OPTIMIZER_FILE)
-    state = json.loads((folder / STATE_FILE).read_text())
+    """Load the optimizer in place; return (trainer state, RNG states). A damaged file is an AdapterError."""
+    state = atomic.read_json(folder / STATE_FILE, f"the checkpoint {folder}", AdapterError)
+    if not (isinstance(state.get("step"), int) and isinstance(state.get("best_val_loss"), (int, float))
+            and isinstance(state.get("param_groups"), list)):
+        raise AdapterError(f"{folder / STATE_FILE} is damaged: step, best_val_loss or param_groups is missing or of the wrong type")
+    tensors = adapter_folder.read_tensors(folder / OPTIMIZER_FILE, (state.pop("checksums", None) or {}).get(OPTIMIZER_FILE))
+    if "rng.torch" not in tensors or not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+        raise AdapterError(f"{folder / OPTIMIZER_FILE} is damaged: no RNG state, or NaN or infinite values")
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     rng = {}
     for key, value in tensors.items():
@@ -41,7 +51,10 @@ def read_training_state(folder: Path, optimizer: torch.optim.Optimizer) -> tuple
         else:
             index, _, name = rest.partition(".")
             per_param.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
+    try:
+        optimizer.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
+    except (ValueError, KeyError, TypeError) as error:
+        raise AdapterError(f"{folder / OPTIMIZER_FILE} does not fit this run's optimizer ({error})") from None
     return state, rng
 
 

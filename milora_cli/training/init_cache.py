@@ -14,6 +14,7 @@ whose key or shapes differ, is recomputed and replaced.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -92,7 +93,8 @@ def _own_factors(layer: adapter.MiloraLinear, cfg: AdapterConfig, use_cache: boo
     lora_A, lora_B = adapter.initial_factors(layer, cfg.init, cfg.svd_dtype, cfg.svd_driver, weight=weight)
     factors = (lora_A.float(), lora_B.float())  # what the layer holds; the cache stores exactly that
     if use_cache:
-        write_cached(path, key, factors)
+        with contextlib.suppress(OSError):  # an unwritable cache ($MILORA_CACHE read-only, a full disk) only costs speed
+            write_cached(path, key, factors)
     return factors, False
 
 

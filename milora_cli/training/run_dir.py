@@ -18,9 +18,10 @@ import torch
 import yaml
 from accelerate import Accelerator
 from rich.console import Console
+from rich.markup import escape
 
-from milora_cli import adapter, adapter_folder, atomic
-from milora_cli.errors import RecipeError
+from milora_cli import adapter, adapter_folder, atomic, outputs
+from milora_cli.errors import AdapterError, ModelError, RecipeError
 from milora_cli.recipe import dump_recipe, validate
 from milora_cli.runlog import versions
 from milora_cli.training import checkpoints
@@ -34,24 +35,26 @@ class RunDir:
     def __init__(self, path: Path, recipe_yaml: str, main: bool):
         self.path, self.recipe_yaml, self.main = path, recipe_yaml, main
 
-    def claim(self, console: Console) -> Path | str | None:
-        """Start, resume or refuse: returns None (start), the checkpoint to resume from, or COMPLETE.
+    def claim(self, console: Console) -> list[Path] | str | None:
+        """Start, resume or refuse: returns None (start), the checkpoints to resume from (oldest first), or COMPLETE.
 
         Writes nothing: a recipe that then fails to load its model or data leaves no folder that would
         refuse the next, corrected recipe.
         """
+        outputs.claim(self.path, "run", "output.dir")
         saved = self.path / "recipe.yaml"
         if not saved.is_file():
             return None
-        if _resolved(saved.read_text()) != self.recipe_yaml:
+        differ = _differences(atomic.read_text(saved, RecipeError), self.recipe_yaml)
+        if differ:
             raise RecipeError(
-                f"output.dir {self.path} holds a run of a different recipe; choose another output.dir (or resume with its own {saved})"
+                f"output.dir {self.path} holds a run of a different recipe ({differ}); "
+                f"choose another output.dir (or resume with its own {saved})"
             )
         if (self.path / "adapter" / adapter_folder.META_FILE).is_file():
             console.print(f"{self.path} already holds this run, complete; to train it again, add output.dir=NEW_DIR")
             return COMPLETE
-        found = checkpoints.training_checkpoints(self.path)
-        return found[-1] if found else None
+        return checkpoints.training_checkpoints(self.path) or None
 
     def start(self) -> None:
         """A fresh run's folder: its resolved recipe (which claims the folder) and the library versions."""
@@ -65,12 +68,24 @@ class RunDir:
             atomic.write_text_atomic(self.path / name, text)
 
 
-def _resolved(recipe_yaml: str) -> str | None:
-    """A saved recipe with today's defaults filled in, so a key added since does not orphan a run."""
+def _differences(saved_yaml: str, recipe_yaml: str) -> str:
+    """The keys whose values differ between the saved recipe (with today's defaults) and this one; "" if none."""
     try:
-        return dump_recipe(validate(yaml.safe_load(recipe_yaml) or {}))
+        saved = _flat(yaml.safe_load(dump_recipe(validate(yaml.safe_load(saved_yaml) or {}))))
     except (RecipeError, yaml.YAMLError):
-        return None
+        return "its recipe.yaml is not a valid recipe"
+    now = _flat(yaml.safe_load(recipe_yaml))
+    keys = [key for key in dict.fromkeys([*saved, *now]) if saved.get(key) != now.get(key)]
+    shown = "; ".join(f"{key}: {saved.get(key)!r} there, {now.get(key)!r} now" for key in keys[:3])
+    return shown + (f"; and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for name, value in tree.items():
+        flat |= _flat(value, f"{prefix}{name}.") if isinstance(value, dict) else {f"{prefix}{name}": value}
+    return flat
 
 
 class Saver:
@@ -95,10 +110,29 @@ class Saver:
             checkpoints.prune(root, self.keep)
 
 
-def resume(folder: Path, adapters: dict[str, adapter.MiloraLinear], optimizer: torch.optim.Optimizer) -> tuple[int, float]:
-    """Load a periodic checkpoint into the adapters, the optimizer and the RNG; return (step, best validation loss)."""
-    trained, initial, _ = adapter_folder.read_adapter(folder)
-    adapter.load_adapter_tensors(adapters, trained, initial)
+def resume(found: list[Path], adapters: dict[str, adapter.MiloraLinear], optimizer: torch.optim.Optimizer,
+           console: Console) -> tuple[int, float]:
+    """Load the newest intact periodic checkpoint into the adapters, the optimizer and the RNG; return (step, best
+    validation loss). A damaged checkpoint is reported and skipped; none intact is an AdapterError."""
+    for folder in reversed(found):
+        try:
+            step, best = _load(folder, adapters, optimizer)
+        except AdapterError as error:
+            console.print(f"[yellow]warning:[/] skipping a damaged checkpoint: {escape(str(error))}")
+            continue
+        console.print(f"resumed from {folder} at step {step}")
+        return step, best
+    raise AdapterError(
+        f"no intact checkpoint to resume from in {found[0].parent}; delete the damaged ones to start over, or choose another output.dir"
+    )
+
+
+def _load(folder: Path, adapters: dict[str, adapter.MiloraLinear], optimizer: torch.optim.Optimizer) -> tuple[int, float]:
+    found = adapter_folder.read_adapter(folder)
+    try:
+        adapter.load_adapter_tensors(adapters, found.trained, found.initial)
+    except ModelError as error:
+        raise AdapterError(f"{folder}: {error}") from None
     state, rng = checkpoints.read_training_state(folder, optimizer)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():

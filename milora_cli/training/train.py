@@ -22,9 +22,9 @@ from rich.console import Console
 
 from milora_cli.data import tokens
 from milora_cli.errors import RecipeError
-from milora_cli.evaluation import suite
 from milora_cli.recipe import Recipe, dump_recipe
 from milora_cli.runlog import MetricsLog, Progress, versions
+from milora_cli.training.benchmarks import TrainingBenchmarks
 from milora_cli.training.build import Setup, build, data_line, initialise
 from milora_cli.training.heldout import HeldoutScorer
 from milora_cli.training.run_dir import COMPLETE, RunDir, Saver, resume
@@ -50,7 +50,7 @@ class Loop:
     stream: BatchStream
     max_steps: int
     saver: Saver
-    benchmarks: suite.TrainingBenchmarks
+    benchmarks: TrainingBenchmarks
     log: MetricsLog | None
     step: int = 0
     best: float = math.inf
@@ -77,12 +77,11 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     # 3. optimizer, batches, steps; resume or score the untrained model
     saver = Saver(run, setup.adapters, {**meta, "versions": versions()}, accelerator, recipe.train.keep_checkpoints)
     loop = _prepare(recipe, setup, accelerator, saver, console)
-    if isinstance(resume_from, Path):
-        loop.step, loop.best = resume(resume_from, setup.adapters, loop.optimizer.optimizer)
-        console.print(f"resumed from {resume_from} at step {loop.step}")
+    if isinstance(resume_from, list):
+        loop.step, loop.best = resume(resume_from, setup.adapters, loop.optimizer.optimizer, console)
     else:
         summary |= scorer.score("before")
-    loop.log = MetricsLog(run.path, loop.step if isinstance(resume_from, Path) else None, recipe.output.tensorboard) if main else None
+    loop.log = MetricsLog(run.path, loop.step if isinstance(resume_from, list) else None, recipe.output.tensorboard) if main else None
     # 4. the loop: steps, log lines, validation and the best adapter, periodic checkpoints
     _run_loop(loop, console)
     # 5. the final adapter, the held-out score after training, the summary
@@ -110,7 +109,7 @@ def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: Save
     stream = BatchStream(len(setup.train_set.examples), seed=cfg.seed, micro=cfg.micro_batch_size, accumulation=cfg.gradient_accumulation_steps,
                          rank=accelerator.process_index, world=accelerator.num_processes)
     max_steps = total_steps(recipe, len(setup.train_set.examples), stream.global_batch)
-    benchmarks = suite.TrainingBenchmarks(recipe.eval, setup.model, setup.tokenizer, saver.run.path, console, enabled=saver.run.main)
+    benchmarks = TrainingBenchmarks(recipe.eval, setup.model, setup.tokenizer, saver.run.path, console, enabled=saver.run.main)
     loss_module, optimizer = accelerator.prepare(CausalLMLoss(setup.model), optimizer)
     return Loop(recipe=recipe, setup=setup, accelerator=accelerator, loss_module=loss_module, optimizer=optimizer, params=params,
                 stream=stream, max_steps=max_steps, saver=saver, benchmarks=benchmarks, log=None)

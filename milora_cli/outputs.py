@@ -1,0 +1,75 @@
+"""Output folders: what a folder already holds, and whether a command may write there.
+
+Nothing a command did not create is overwritten: a folder that holds another kind of result (a run, an
+adapter or checkpoint, an eval, a merge, a model) is refused unless --force says replace, and an output
+inside a folder the command reads, or inside an adapter or checkpoint folder (which a later save or
+checkpoint pruning replaces whole), is refused even then.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from milora_cli.errors import OutputError
+
+# The file that marks each kind of result, in the order they are recognised (an adapter folder has a recipe.yaml too).
+MARKERS = {
+    "adapter or checkpoint": "adapter_meta.json",
+    "merge": "milora_export.json",
+    "training run": "recipe.yaml",
+    "eval": "settings.json",
+    "model": "config.json",
+}
+KINDS = {"run": "training run", "eval": "eval", "merge": "merge"}
+
+
+def kind_of(folder: Path) -> str | None:
+    """What `folder` holds: one of MARKERS' kinds, or None (absent, empty or unknown)."""
+    return next((kind for kind, marker in MARKERS.items() if (folder / marker).is_file()), None)
+
+
+def refuse_file(path: Path, flag: str) -> None:
+    """Refuse an output file that is a folder, or that would replace a file of a run, eval, merge or model."""
+    if path.is_dir():
+        raise OutputError(f"{flag} {path} is a folder; give a file name")
+    holder = kind_of(path.parent)
+    if path.exists() and holder is not None:
+        raise OutputError(f"{flag} {path} would replace a file of {_a(holder)} ({path.parent}); choose another file name")
+
+
+def refuse_inside(output: Path, flag: str, inputs: Iterable[Path | None]) -> None:
+    """Refuse an output that is, or lies inside, one of the folders the command reads."""
+    place = output.expanduser().resolve()
+    for source in inputs:
+        if source is not None and (place == source.resolve() or source.resolve() in place.parents):
+            raise OutputError(f"{flag} {output} lies inside {source}, which this command reads; choose another folder")
+
+
+def claim(output: Path, kind: str, flag: str, force: bool = False, inputs: Iterable[Path | None] = ()) -> None:
+    """Refuse an output `flag` that cannot hold a `kind` result; with `force`, remove another kind of result first."""
+    place = output.expanduser().resolve()
+    blocker = next((parent for parent in [place, *place.parents] if parent.exists() and not parent.is_dir()), None)
+    if blocker is not None:
+        raise OutputError(f"{flag} {output}: {blocker} is a file, not a folder")
+    refuse_inside(output, flag, inputs)
+    holder = next((parent for parent in place.parents if kind_of(parent) == "adapter or checkpoint"), None)
+    if holder is not None:
+        raise OutputError(f"{flag} {output} lies inside the adapter folder {holder}, which training replaces or prunes; choose another folder")
+    found = kind_of(place)
+    wanted = KINDS[kind]
+    if found == wanted and kind != "merge":  # the same kind of result: the command resumes it or refuses it itself
+        return
+    if found is None and not (kind == "merge" and place.exists()):
+        return
+    if not force:
+        what = f"exists and holds {_a(found)}" + ("" if found == wanted else f", not {_a(wanted)}") if found else "exists"
+        hint = "choose another output.dir" if kind == "run" else "choose another folder or add --force to replace it"
+        raise OutputError(f"{flag} {output} {what}; {hint}")
+    if kind != "merge":  # a merge replaces its output in one rename once the new one is complete
+        shutil.rmtree(place)
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
