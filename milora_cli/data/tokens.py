@@ -111,15 +111,20 @@ def _label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class Collator:
-    """Builds a Batch: padded rows, or all examples packed into one row. A plain dataclass (picklable).
+    """Builds a Batch: padded rows, or the examples packed into rows. A plain dataclass (picklable).
 
     padded   each example a row, right-padded to the longest, with an attention mask
-    packed   the examples concatenated into one row, position_ids restarting at 0 for each; transformers
-             then attends only within an example (its packed-sequence masks), and no compute goes to padding
+    packed   the examples concatenated, in order, into rows of at most `row_tokens` tokens (a longer example
+             gets a row of its own), position_ids restarting at 0 for each; transformers then attends only
+             within an example (its packed-sequence masks), so little compute goes to padding. Rows are
+             capped because attention with a mask costs the square of a row's length where no varlen kernel
+             runs (sdpa or eager, on CPU): one row of 16 examples costs ~16x the attention of 16 rows. The
+             rows' padding is a segment of its own (positions from 0 again), so no attention mask is needed.
     """
 
     pad_token_id: int
     packed: bool = False
+    row_tokens: int = 256
 
     def __call__(self, batch: list[TokenizedExample]) -> Batch:
         return self._packed(batch) if self.packed else self._padded(batch)
@@ -139,14 +144,24 @@ class Collator:
         return Batch(inputs, labels, positions, targets, sum(len(t.input_ids) for t in batch))
 
     def _packed(self, batch: list[TokenizedExample]) -> Batch:
-        # An example's first label would be the target of the previous example's last token: never trained,
-        # exactly as the first label of a padded row is never a target.
-        labels = [[IGNORE_INDEX, *t.labels[1:]] for t in batch]
-        input_ids = torch.tensor([token for t in batch for token in t.input_ids], dtype=torch.long)[None]  # (1, T)
-        position_ids = torch.tensor([p for t in batch for p in range(len(t.input_ids))], dtype=torch.long)[None]  # (1, T)
-        flat_labels = torch.tensor([label for row in labels for label in row], dtype=torch.long)[None]  # (1, T)
-        positions, targets = _label_positions(flat_labels)
-        return Batch({"input_ids": input_ids, "position_ids": position_ids}, flat_labels, positions, targets, input_ids.shape[1])
+        rows: list[list[TokenizedExample]] = [[]]
+        for t in batch:  # 1. whole examples into rows, in order
+            if rows[-1] and sum(len(u.input_ids) for u in rows[-1]) + len(t.input_ids) > self.row_tokens:
+                rows.append([])
+            rows[-1].append(t)
+        width = max(sum(len(t.input_ids) for t in row) for row in rows)
+        grid = [[], [], []]  # 2. input ids, position ids, labels of each row, its padding a segment of its own
+        for row in rows:
+            pad = width - sum(len(t.input_ids) for t in row)
+            # An example's first label would be the target of the previous example's last token: never trained,
+            # exactly as the first label of a padded row is never a target.
+            grid[0].append([token for t in row for token in t.input_ids] + [self.pad_token_id] * pad)
+            grid[1].append([p for t in row for p in range(len(t.input_ids))] + list(range(pad)))
+            grid[2].append([label for t in row for label in (IGNORE_INDEX, *t.labels[1:])] + [IGNORE_INDEX] * pad)
+        input_ids, position_ids, labels = (torch.tensor(part, dtype=torch.long) for part in grid)  # (R, T) each
+        positions, targets = _label_positions(labels)
+        n_tokens = sum(len(t.input_ids) for t in batch)
+        return Batch({"input_ids": input_ids, "position_ids": position_ids}, labels, positions, targets, n_tokens)
 
 
 def render_label_mask(tokenizer: Any, tokenized: TokenizedExample) -> Text:

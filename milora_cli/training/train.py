@@ -118,7 +118,8 @@ def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: Save
 def _run_loop(loop: Loop, console: Console) -> None:
     """Optimizer steps up to max_steps; a signal stops after a whole step with a checkpoint to resume from."""
     cfg, accelerator, setup = loop.recipe.train, loop.accelerator, loop.setup
-    collate = tokens.Collator(setup.tokenizer.pad_token_id, packed=packs(loop.recipe.data.packing, setup.model))
+    collate = tokens.Collator(setup.tokenizer.pad_token_id, packed=packs(loop.recipe.data.packing, setup.model),
+                              row_tokens=loop.recipe.data.max_length)
     window = Window()
     loop.loss_module.train()
     with Progress(console, loop.max_steps, start_step=loop.step, enabled=loop.saver.run.main) as progress, _interrupt_flag() as interrupted:
