@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from milora_cli.data import tokens
 from milora_cli.evaluation.generate import eval_mode
 from milora_cli.recipe import TrainConfig
+from milora_cli.ranks import Ranks, my_batches
 
 # Architectures whose logits are exactly lm_head(last hidden state): the loss then projects only the
 # label positions onto the vocabulary instead of every prompt and padding position.
@@ -98,14 +99,16 @@ def optimizer_step(loss_module, micro: list[dict[str, torch.Tensor]], accelerato
 
 @torch.no_grad()
 def validation_loss(loss_module, val_set: tokens.TokenizedDataset, collate, micro: int, accelerator: Accelerator) -> float:
-    """Mean token loss over the validation set, each process scoring its own share."""
+    """Mean token loss over the validation set: one process's batches shared out over the processes, the
+    same number of forwards on each (distributed.my_batches), then one sum over the processes."""
     total = torch.zeros(2, device=accelerator.device)
-    share = val_set.examples[accelerator.process_index :: accelerator.num_processes]
+    batches = [val_set.examples[start : start + micro] for start in range(0, len(val_set.examples), micro)]
     with eval_mode(loss_module):
-        for start in range(0, len(share), micro):
-            batch = {k: v.to(accelerator.device) for k, v in collate(share[start : start + micro]).items()}
+        for index, keep in my_batches(len(batches), Ranks.of(accelerator)):
+            batch = {k: v.to(accelerator.device) for k, v in collate(batches[index]).items()}
             with accelerator.autocast():
                 loss_sum, count = loss_module(**batch)
-            total += torch.stack([loss_sum.float(), count.float()])
+            if keep:
+                total += torch.stack([loss_sum.float(), count.float()])
     total = accelerator.reduce(total, "sum")
     return (total[0] / total[1].clamp(min=1)).item()

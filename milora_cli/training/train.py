@@ -1,6 +1,6 @@
 """`milora train`: recipe -> model -> adapters -> data -> the Accelerate loop -> checkpoints.
 
-The step math (loss, batching, schedule) lives in loop.py; this module reads top to bottom: claim the
+The step math (loss, batching, schedule) lives in step.py; this module reads top to bottom: claim the
 run folder, build, initialise, score before, train with validation and checkpoints, score after.
 """
 
@@ -22,11 +22,13 @@ from rich.console import Console
 
 from milora_cli.data import tokens
 from milora_cli.evaluation import suite
+from milora_cli.ranks import Ranks
 from milora_cli.recipe import Recipe, dump_recipe
 from milora_cli.runlog import MetricsLog, Progress, versions
+from milora_cli.training import distributed
 from milora_cli.training.build import Setup, build, data_line, initialise
 from milora_cli.training.heldout import HeldoutScorer
-from milora_cli.training.run_dir import COMPLETE, RunDir, Saver, resume
+from milora_cli.training import run_dir
 from milora_cli.training.step import BatchStream, CausalLMLoss, learning_rate, optimizer_step, validation_loss
 
 
@@ -48,22 +50,27 @@ class Loop:
     params: list[torch.nn.Parameter]
     stream: BatchStream
     max_steps: int
-    saver: Saver
+    saver: run_dir.Saver
     benchmarks: suite.TrainingBenchmarks
     log: MetricsLog | None
     step: int = 0
     best: float = math.inf
 
 
-def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
-    """Run the recipe's training; returns a summary (steps, losses, held-out scores, paths)."""
+def train(recipe: Recipe, console: Console | None = None, resume_at: str | None = None) -> dict[str, Any]:
+    """Run the recipe's training; returns a summary (steps, losses, held-out scores, paths).
+
+    `resume_at`: run_dir.LATEST or a checkpoint folder (`--resume`); None resumes an existing run folder
+    from its latest checkpoint if it has one, and starts otherwise.
+    """
     accelerator = _accelerator(recipe.train.mixed_precision)
-    main = accelerator.is_main_process
-    console = console if (console is not None and main) else Console(quiet=not main)
-    run = RunDir(Path(recipe.output.dir), dump_recipe(recipe), main)
+    ranks = Ranks.of(accelerator)
+    console = console if (console is not None and ranks.main) else Console(quiet=not ranks.main)
+    run = run_dir.RunDir(Path(recipe.output.dir), dump_recipe(recipe), ranks.main)
+    accumulation = distributed.accumulation_steps(recipe.train, ranks.world)  # a bad global batch fails here
     # 1. the run folder: a fresh run, a resume, or nothing left to do
-    resume_from = run.claim(console)
-    if resume_from == COMPLETE:
+    resume_from = run.claim(console, resume_at)
+    if resume_from == run_dir.COMPLETE:
         return {"complete": True, "run_dir": str(run.path)}
     set_seed(recipe.train.seed)
     # 2. model, adapters, data, initial factors; a fresh run folder is written only once they load
@@ -72,16 +79,17 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         run.start()
     console.print(data_line(recipe, setup))
     meta, summary = initialise(recipe, setup, accelerator, console)
-    scorer = HeldoutScorer(recipe, setup.model, setup.tokenizer, setup.val_examples, run, console)
+    distributed.seed_rank(recipe.train.seed, ranks)  # after the shared init: dropout differs across ranks
+    scorer = HeldoutScorer(recipe, setup.model, setup.tokenizer, setup.val_examples, run, console, ranks)
     # 3. optimizer, batches, steps; resume or score the untrained model
-    saver = Saver(run, setup.adapters, {**meta, "versions": versions()}, accelerator, recipe.train.keep_checkpoints)
-    loop = _prepare(recipe, setup, accelerator, saver, console)
+    saver = run_dir.Saver(run, setup.adapters, {**meta, "versions": versions()}, accelerator, recipe.train.keep_checkpoints)
+    loop = _prepare(recipe, setup, accelerator, saver, console, accumulation)
     if isinstance(resume_from, Path):
-        loop.step, loop.best = resume(resume_from, setup.adapters, loop.optimizer.optimizer)
+        loop.step, loop.best = run_dir.resume(resume_from, setup.adapters, loop.optimizer.optimizer, ranks)
         console.print(f"resumed from {resume_from} at step {loop.step}")
     else:
         summary |= scorer.score("before")
-    loop.log = MetricsLog(run.path, loop.step if isinstance(resume_from, Path) else None, recipe.output.tensorboard) if main else None
+    loop.log = MetricsLog(run.path, loop.step if isinstance(resume_from, Path) else None, recipe.output.tensorboard) if ranks.main else None
     # 4. the loop: steps, log lines, validation and the best adapter, periodic checkpoints
     _run_loop(loop, console)
     # 5. the final adapter, the held-out score after training, the summary
@@ -96,7 +104,7 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     return summary
 
 
-def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: Saver, console: Console) -> Loop:
+def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: run_dir.Saver, console: Console, accumulation: int) -> Loop:
     """The optimizer over the adapter parameters, the batch stream, and the model prepared by Accelerate."""
     cfg = recipe.train
     if cfg.gradient_checkpointing:
@@ -106,10 +114,10 @@ def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: Save
         _compile_layers(setup.model)
     params = [p for p in setup.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    stream = BatchStream(len(setup.train_set.examples), cfg.seed, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
+    stream = BatchStream(len(setup.train_set.examples), cfg.seed, cfg.micro_batch_size, accumulation,
                          accelerator.process_index, accelerator.num_processes)
     max_steps = total_steps(recipe, len(setup.train_set.examples), stream.global_batch)
-    benchmarks = suite.TrainingBenchmarks(recipe.eval, setup.model, setup.tokenizer, saver.run.path, console, enabled=saver.run.main)
+    benchmarks = suite.TrainingBenchmarks(recipe.eval, setup.model, setup.tokenizer, saver.run.path, console, Ranks.of(accelerator))
     loss_module, optimizer = accelerator.prepare(CausalLMLoss(setup.model), optimizer)
     return Loop(recipe, setup, accelerator, loss_module, optimizer, params, stream, max_steps, saver, benchmarks, log=None)
 
