@@ -119,6 +119,9 @@ class TrainConfig(_Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="Autocast dtype; auto = bf16 on a GPU that has it, none on CPU."
     )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Several processes: ddp replicates the model; fsdp shards the frozen base weights (FSDP2)."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes); pays off on long GPU runs.")
     seed: int = Field(42, description="Seed of data order, dropout, lora init and the validation split.")

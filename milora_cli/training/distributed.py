@@ -1,5 +1,14 @@
-"""What training changes with the number of processes: the accumulation of a global batch and one RNG
-stream per rank, saved and restored per rank (ranks.py shares out the scoring)."""
+"""What training changes with the number of processes: the accumulation of a global batch, one RNG stream
+per rank (saved and restored per rank), and FSDP2 sharding of the base weights (ranks.py shares out the
+scoring).
+
+Under `train.distributed: fsdp` only the frozen base weights are sharded (torch.distributed.fsdp.
+fully_shard, one unit per decoder layer, then the root holding embeddings, final norm and head, as
+torchtune does). The adapter factors lora_A, lora_B (well under 2 % of the parameters) stay whole on
+every rank, outside FSDP, in float32, and their gradients are averaged in float32 by one all-reduce per
+step: so clipping sees whole gradients, the saver and the optimizer state see whole tensors, and a bf16
+base never shares an FSDP unit with fp32 trainable factors. A0, B0 are buffers: whole, float32.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +36,38 @@ def accumulation_steps(cfg: TrainConfig, world: int) -> int:
             f" = {cfg.micro_batch_size} x {world} = {per_pass}; choose {fix}"
         )
     return cfg.global_batch_size // per_pass
+
+
+def shard(model: torch.nn.Module, adapter_params: list[torch.nn.Parameter]) -> str:
+    """FSDP2 over the frozen base weights: each decoder layer, then the root; the adapters left whole.
+    Returns a line saying how much of the model this rank holds."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    ignored = set(adapter_params)
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # no sharded parameter trains; fp32 if one ever does
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mp_policy=policy, ignored_params=ignored)
+    fully_shard(model, mp_policy=policy, ignored_params=ignored)
+    # What transformers' own FSDP2 helper marks: generate() then keeps every rank stepping until all are
+    # done (synced_gpus), since each forward all-gathers the layers' weights on all ranks.
+    model._is_fsdp_managed_module = True
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return f"fsdp: {held:,} of {total:,} parameters on each of {torch.distributed.get_world_size()} processes"
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Mean over the processes of the whole adapters' gradients, in float32, in one all-reduce (what DDP
+    does for them under ddp)."""
+    for param in params:
+        if param.grad is None:  # a factor the batch did not reach still takes part in the collective
+            param.grad = torch.zeros_like(param)
+    flat = torch.cat([param.grad.reshape(-1).float() for param in params])  # (sum of numels,)
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    for param, grad in zip(params, flat.split([param.numel() for param in params]), strict=True):
+        param.grad.copy_(grad.view_as(param.grad))
 
 
 def seed_rank(seed: int, ranks: Ranks) -> None:

@@ -27,10 +27,11 @@ _PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3"}
 class CausalLMLoss(torch.nn.Module):
     """Sum of next-token cross-entropies over label positions, and their count."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, sharded: bool = False):
         super().__init__()
         self.model = model
-        self.plain_head = getattr(model.config, "model_type", None) in _PLAIN_HEAD
+        # A sharded model's root forward is what gathers its embeddings and head: call it whole.
+        self.plain_head = getattr(model.config, "model_type", None) in _PLAIN_HEAD and not sharded
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
         targets = labels[:, 1:]  # (B, T-1)
@@ -78,8 +79,10 @@ class BatchStream:
 
 
 
-def optimizer_step(loss_module, micro: list[dict[str, torch.Tensor]], accelerator: Accelerator, params, max_grad_norm: float | None):
-    """Forward/backward over this process's micro-batches of one step, then clip; returns
+def optimizer_step(loss_module, micro: list[dict[str, torch.Tensor]], accelerator: Accelerator, params, max_grad_norm: float | None,
+                   reduce_gradients=None):
+    """Forward/backward over this process's micro-batches of one step, `reduce_gradients()` if given (FSDP:
+    the whole adapters' all-reduce), then clip; returns
     (summed token loss of this process, label tokens of the whole global batch, gradient norm or None).
 
     The loss is normalised by the label tokens of the whole global batch, so accumulation and the
@@ -93,6 +96,8 @@ def optimizer_step(loss_module, micro: list[dict[str, torch.Tensor]], accelerato
             loss_sum, _ = loss_module(**batch)
             accelerator.backward(loss_sum * accelerator.num_processes / n_tokens)
         step_loss += loss_sum.detach()
+    if reduce_gradients is not None:
+        reduce_gradients()
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
     return step_loss, n_tokens, grad_norm
 

@@ -53,6 +53,7 @@ class Loop:
     saver: run_dir.Saver
     benchmarks: suite.TrainingBenchmarks
     log: MetricsLog | None
+    reduce_gradients: Any = None  # FSDP: the whole adapters' gradient all-reduce
     step: int = 0
     best: float = math.inf
 
@@ -113,13 +114,22 @@ def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: run_
     if cfg.compile:
         _compile_layers(setup.model)
     params = [p for p in setup.model.parameters() if p.requires_grad]
+    sharded = cfg.distributed == "fsdp" and accelerator.num_processes > 1
+    if sharded:
+        console.print(distributed.shard(setup.model, params))
+        params = [p for p in setup.model.parameters() if p.requires_grad]  # collected after sharding, as clipping needs
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     stream = BatchStream(len(setup.train_set.examples), cfg.seed, cfg.micro_batch_size, accumulation,
                          accelerator.process_index, accelerator.num_processes)
     max_steps = total_steps(recipe, len(setup.train_set.examples), stream.global_batch)
     benchmarks = suite.TrainingBenchmarks(recipe.eval, setup.model, setup.tokenizer, saver.run.path, console, Ranks.of(accelerator))
-    loss_module, optimizer = accelerator.prepare(CausalLMLoss(setup.model), optimizer)
-    return Loop(recipe, setup, accelerator, loss_module, optimizer, params, stream, max_steps, saver, benchmarks, log=None)
+    if sharded:  # no DDP around it: the adapters' gradients are averaged by distributed.average_gradients
+        loss_module, optimizer = CausalLMLoss(setup.model, sharded=True), accelerator.prepare(optimizer)
+    else:
+        loss_module, optimizer = accelerator.prepare(CausalLMLoss(setup.model), optimizer)
+    reduce = (lambda: distributed.average_gradients(params, accelerator.num_processes)) if sharded else None
+    return Loop(recipe, setup, accelerator, loss_module, optimizer, params, stream, max_steps, saver, benchmarks, log=None,
+                reduce_gradients=reduce)
 
 
 def _run_loop(loop: Loop, console: Console) -> None:
@@ -135,7 +145,8 @@ def _run_loop(loop: Loop, console: Console) -> None:
             lr = learning_rate(loop.step, cfg, loop.max_steps)
             for group in loop.optimizer.param_groups:
                 group["lr"] = lr
-            step_loss, n_tokens, grad_norm = optimizer_step(loop.loss_module, micro, accelerator, loop.params, cfg.max_grad_norm)
+            step_loss, n_tokens, grad_norm = optimizer_step(loop.loss_module, micro, accelerator, loop.params, cfg.max_grad_norm,
+                                                         loop.reduce_gradients)
             loop.optimizer.step()
             loop.optimizer.zero_grad(set_to_none=True)
             loop.step += 1
