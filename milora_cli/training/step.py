@@ -16,8 +16,8 @@ from accelerate import Accelerator
 
 from milora_cli.data import tokens
 from milora_cli.evaluation.generate import eval_mode
-from milora_cli.recipe import TrainConfig
 from milora_cli.ranks import Ranks, my_batches
+from milora_cli.recipe import TrainConfig
 
 # Architectures whose logits are exactly lm_head(last hidden state): the loss then projects only the
 # label positions onto the vocabulary instead of every prompt and padding position.
@@ -105,7 +105,7 @@ def optimizer_step(loss_module, micro: list[dict[str, torch.Tensor]], accelerato
 @torch.no_grad()
 def validation_loss(loss_module, val_set: tokens.TokenizedDataset, collate, micro: int, accelerator: Accelerator) -> float:
     """Mean token loss over the validation set: one process's batches shared out over the processes, the
-    same number of forwards on each (distributed.my_batches), then one sum over the processes."""
+    same number of forwards on each (ranks.my_batches), then one sum over the processes."""
     total = torch.zeros(2, device=accelerator.device)
     batches = [val_set.examples[start : start + micro] for start in range(0, len(val_set.examples), micro)]
     with eval_mode(loss_module):

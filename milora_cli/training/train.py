@@ -25,10 +25,9 @@ from milora_cli.evaluation import suite
 from milora_cli.ranks import Ranks
 from milora_cli.recipe import Recipe, dump_recipe
 from milora_cli.runlog import MetricsLog, Progress, versions
-from milora_cli.training import distributed
+from milora_cli.training import distributed, run_dir
 from milora_cli.training.build import Setup, build, data_line, initialise
 from milora_cli.training.heldout import HeldoutScorer
-from milora_cli.training import run_dir
 from milora_cli.training.step import BatchStream, CausalLMLoss, learning_rate, optimizer_step, validation_loss
 
 
