@@ -30,7 +30,7 @@ class HeldoutScorer:
     def score(self, label: str) -> dict[str, Any]:
         """{"heldout_<label>": accuracy}, with the scored generations in RUN/heldout_<label>.jsonl; {} when off.
 
-        The batches are those of one process, shared out over the processes (distributed.shared_rounds),
+        The batches are those of one process, shared out over the processes (ranks.shared_rounds),
         so the score is the same on any number of them.
         """
         if not self.examples:
