@@ -17,16 +17,22 @@ from milora_cli.recipe import validate
 from milora_cli.training import checkpoints
 from milora_cli.training.train import train
 from test_distributed import lines, torchrun, write_recipe
+from test_evaluate import tiny_data_dir
 from test_export import logits, token_ids, trained_model
 from test_interrupt import wait_for_first_metrics_line
 from test_train import factors, max_rel_diff, tiny_recipe
 
 
 def test_two_fsdp_processes_train_the_adapter_of_one_process(tiny_model_dir, tiny_data, tmp_path):
+    """Sharded forwards are collectives: held-out generation (2 batches), validation (3 batches: one rank
+    repeats one) and the benchmarks (3 boolq batches, 1 of windows) must keep both ranks in step."""
+    data_dir = str(tiny_data_dir(tmp_path))
+
     def recipe(out: Path) -> dict:
         raw = tiny_recipe(tiny_model_dir, tiny_data, out, micro_batch_size=2, global_batch_size=4, distributed="fsdp")
         raw["data"]["val_size"] = 6
-        raw["eval"] = {"heldout": 6, "batch_size": 4, "max_new_tokens": 4}  # 2 batches: one each, generated in step
+        raw["eval"] = {"heldout": 6, "batch_size": 4, "max_new_tokens": 4, "tasks": ["boolq", "wikitext"], "data_dir": data_dir,
+                       "limit": 9, "choice_max_new_tokens": 4, "ppl_window": 64}
         return raw
     one, two = tmp_path / "one", tmp_path / "two"
     train(validate(recipe(one)), Console(quiet=True))  # one process: nothing to shard, accumulation 2
@@ -35,8 +41,9 @@ def test_two_fsdp_processes_train_the_adapter_of_one_process(tiny_model_dir, tin
     expected, saved = factors(one / "adapter"), factors(two / "adapter")
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in expected.items()}  # whole tensors
     assert max_rel_diff(saved, expected) <= 1e-5
-    for name in ("heldout_before.jsonl", "heldout_after.jsonl"):
-        assert lines(two / name) == lines(one / name)
+    for name in ("heldout_before.jsonl", "heldout_after.jsonl", "eval/final/predictions.jsonl"):
+        a, b = lines(one / name), lines(two / name)
+        assert [r.get("generation") for r in b] == [r.get("generation") for r in a] and len(a) in (6, 18)
     val = [[r["val_loss"] for r in lines(run / "metrics.jsonl") if "val_loss" in r] for run in (one, two)]
     assert len(val[0]) == 2 and torch.allclose(torch.tensor(val[1]), torch.tensor(val[0]), rtol=1e-6)
     # the saved adapter is the trained model: its merge gives the same logits
@@ -68,3 +75,13 @@ def test_sigterm_mid_fsdp_run_then_a_rerun_equals_a_straight_fsdp_run(tiny_model
     straight = tmp_path / "straight"
     torchrun(write_recipe(tmp_path / "straight.yaml", tiny_recipe(tiny_model_dir, tiny_data, straight, **settings)))
     assert max_rel_diff(factors(interrupted / "adapter"), factors(straight / "adapter")) <= 1e-6
+
+
+def test_a_bf16_base_with_fp32_factors_trains_sharded(tiny_model_dir, tiny_data, tmp_path):
+    """FSDP1's failure: bf16 base weights and fp32 factors in one unit. Here only the base is sharded."""
+    raw = tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "run", micro_batch_size=2, max_steps=4, distributed="fsdp",
+                      gradient_checkpointing=True, eval_every=None)
+    raw["model"]["dtype"] = "bf16"
+    torchrun(write_recipe(tmp_path / "bf16.yaml", raw))
+    curve = [r["loss"] for r in lines(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert len(curve) == 4 and all(torch.isfinite(torch.tensor(curve))) and curve[-1] < curve[0]
