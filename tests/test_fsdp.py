@@ -29,7 +29,8 @@ def test_two_fsdp_processes_train_the_adapter_of_one_process(tiny_model_dir, tin
     data_dir = str(tiny_data_dir(tmp_path))
 
     def recipe(out: Path) -> dict:
-        raw = tiny_recipe(tiny_model_dir, tiny_data, out, micro_batch_size=2, global_batch_size=4, distributed="fsdp")
+        raw = tiny_recipe(tiny_model_dir, tiny_data, out, micro_batch_size=2, global_batch_size=4, distributed="fsdp",
+                          max_grad_norm=0.01)  # below the gradients' norm (~0.05): clipping acts at every step
         raw["data"]["val_size"] = 6
         raw["eval"] = {"heldout": 6, "batch_size": 4, "max_new_tokens": 4, "tasks": ["boolq", "wikitext"], "data_dir": data_dir,
                        "limit": 9, "choice_max_new_tokens": 4, "ppl_window": 64}
@@ -46,6 +47,9 @@ def test_two_fsdp_processes_train_the_adapter_of_one_process(tiny_model_dir, tin
         assert [r.get("generation") for r in b] == [r.get("generation") for r in a] and len(a) in (6, 18)
     val = [[r["val_loss"] for r in lines(run / "metrics.jsonl") if "val_loss" in r] for run in (one, two)]
     assert len(val[0]) == 2 and torch.allclose(torch.tensor(val[1]), torch.tensor(val[0]), rtol=1e-6)
+    # the norm clipped is that of the whole, averaged gradients (not one rank's, not zero)
+    norms = [torch.tensor([r["grad_norm"] for r in lines(run / "metrics.jsonl") if "loss" in r]) for run in (one, two)]
+    assert len(norms[0]) == 3 and (norms[0] > 0.01).all() and torch.allclose(norms[1], norms[0], rtol=1e-5)
     # the saved adapter is the trained model: its merge gives the same logits
     model = trained_model(two / "adapter")
     ids = token_ids(model.config.vocab_size)
