@@ -59,7 +59,7 @@ def test_two_fsdp_processes_train_the_adapter_of_one_process(tiny_model_dir, tin
 
 
 def test_sigterm_mid_fsdp_run_then_a_rerun_equals_a_straight_fsdp_run(tiny_model_dir, tiny_data, tmp_path):
-    settings = {"max_steps": 60, "save_every": 10_000, "eval_every": None, "micro_batch_size": 2, "distributed": "fsdp"}
+    settings = {"max_steps": 40, "save_every": 10_000, "eval_every": None, "micro_batch_size": 2, "distributed": "fsdp"}
     interrupted = tmp_path / "interrupted"
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tiny_model_dir, tiny_data, interrupted, **settings))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
