@@ -75,6 +75,12 @@ def train(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the resolved recipe, one tokenised example and parameter counts; train nothing.")
     ] = False,
+    resume: Annotated[
+        str | None,
+        typer.Option("--resume", metavar="[CHECKPOINT]", show_default=False,
+                     help="Resume output.dir from its latest checkpoint, or from CHECKPOINT (one of its checkpoints/step-N); "
+                          "an error if there is none."),
+    ] = None,
 ) -> None:
     """Train a MiLoRA / PiSSA / LoRA adapter from a recipe. An existing run dir of the same recipe resumes."""
     from milora_cli.recipe import load_recipe
@@ -85,7 +91,7 @@ def train(
     if dry_run:
         describe(resolved, console)
         return
-    run_training(resolved, console)
+    run_training(resolved, console, resume_at=resume)
 
 
 def _choices(name: str, literal: Any) -> type[enum.Enum]:
@@ -214,5 +220,20 @@ def eval_(
     run_eval(model_or_run, cfg, output, dtype.value if dtype else None, console, quantize.value if quantize else None, base=base, force=force)
 
 
-def main() -> None:  # pragma: no cover - `python -m milora_cli`
-    sys.exit(app())
+def main() -> None:  # pragma: no cover - `milora` and `python -m milora_cli`
+    sys.exit(app(args=bare_resume(sys.argv[1:]), prog_name="milora"))
+
+
+def bare_resume(args: list[str]) -> list[str]:
+    """`--resume` without a value, as `--resume=latest` (click options cannot take an optional value).
+
+    It is bare when it comes last or before another option, an override (`train.lr=1e-4`) or a recipe.
+    """
+    from milora_cli.training.run_dir import LATEST
+
+    args = list(args)
+    for i, arg in enumerate(args):
+        after = args[i + 1] if i + 1 < len(args) else None
+        if arg == "--resume" and (after is None or after.startswith("-") or "=" in after or after.endswith((".yaml", ".yml"))):
+            args[i] = f"--resume={LATEST}"
+    return args

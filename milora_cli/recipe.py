@@ -131,7 +131,12 @@ class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data when max_steps is null.")
     lr: float = Field(3e-4, gt=0, le=1.0, description="Peak learning rate of AdamW.")
     micro_batch_size: int = Field(4, ge=1, description="Examples per forward pass per process.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step per process; ignored when global_batch_size is set."
+    )
+    global_batch_size: int | None = Field(
+        None, ge=1, description="Examples per optimizer step over all processes; sets the accumulation for any process count."
+    )
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps (capped at max_steps).")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay on the adapter factors.")
@@ -141,6 +146,9 @@ class TrainConfig(_Section):
         "auto",
         description="Autocast dtype; auto = the base's own 16-bit dtype on a GPU (none for an fp32 base, none on CPU); "
         "another dtype than the base's is refused.",
+    )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Several processes: ddp replicates the model; fsdp shards the frozen base weights (FSDP2)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     compile: bool = Field(False, description="torch.compile each decoder layer (dynamic shapes); pays off on long GPU runs.")

@@ -28,12 +28,13 @@ def test_paper_settings_rank_32(name):
     assert (recipe.adapter.init, recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout) == ("milora", 32, 32, 0.05)
     assert recipe.adapter.target_modules == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
     assert (recipe.train.lr, recipe.train.scheduler, recipe.train.warmup_steps, recipe.train.epochs) == (3e-4, "linear", 100, 3)
-    assert recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps == 16
+    assert recipe.train.global_batch_size == 16  # on any number of GPUs (training/distributed.py)
 
 
 def test_math_recipe_rank_64():
     recipe = load_recipe(next(p for p in RECIPES if p.stem == "math_llama2"))
     assert (recipe.adapter.r, recipe.adapter.alpha, recipe.data.path) == (64, 64, "meta-math/MetaMathQA")
+    assert recipe.train.global_batch_size == 16
 
 
 def test_unknown_key_names_it_and_the_closest_valid_key(tmp_path):

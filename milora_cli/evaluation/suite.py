@@ -32,6 +32,7 @@ from rich.table import Table
 from milora_cli import adapter, adapter_folder, atomic, models, outputs, quantize
 from milora_cli.evaluation import generate, tasks
 from milora_cli.errors import EvalError
+from milora_cli.ranks import ONE, Ranks, shared_rounds
 from milora_cli.recipe import EvalConfig, Quantize
 from milora_cli.runlog import bar_columns
 
@@ -94,23 +95,27 @@ def _storage(dtype: str, quantized: Quantize) -> str:
 
 
 def evaluate_model(
-    model, tokenizer, cfg: EvalConfig, output: Path, identity: str, console: Console, bars: bool = True
+    model, tokenizer, cfg: EvalConfig, output: Path, identity: str, console: Console, bars: bool = True, ranks: Ranks = ONE
 ) -> dict[str, Any]:
     """Score an already built model on cfg.tasks, resuming whatever `output` already holds.
 
-    `bars=False` inside another live display (training's progress bar), which rich cannot nest.
+    `bars=False` inside another live display (training's progress bar), which rich cannot nest. Under
+    several processes (`ranks`, training's hook) each scores its share of the batches and the main
+    process writes everything and returns the summary; the others return {}.
     """
     if not cfg.tasks:
         raise EvalError("no tasks to run; name some, e.g. --tasks boolq,gsm8k,wikitext")
     settings = {"model": identity, "window": min(cfg.ppl_window, _context(model, cfg.ppl_window))} | cfg.model_dump(
         include={"num_beams", "choice_max_new_tokens", "math_max_new_tokens"})
-    results = Results(output, settings)
+    results = Results(output, settings) if ranks.main else None
     selected = {}
     with _progress(console, bars) as bar:
         for name in dict.fromkeys(cfg.tasks):
             task = tasks.TASKS[name]
             score = _score_windows if task.kind == "perplexity" else _score_generations
-            selected[name] = score(model, tokenizer, task, cfg, settings["window"], results, bar)
+            selected[name] = score(model, tokenizer, task, cfg, settings["window"], results, bar, ranks)
+    if results is None:
+        return {}
     summary = {"model": identity, "settings": settings, **summarise(results.records, selected)}
     atomic.write_text_atomic(output / SUMMARY_FILE, json.dumps(summary, indent=2))
     console.print(table({"score": summary}))
@@ -122,15 +127,16 @@ def _context(model, default: int) -> int:
     return getattr(model.config, "max_position_embeddings", None) or default
 
 
-def _score_generations(model, tokenizer, task: tasks.Task, cfg: EvalConfig, window: int, results: Results, bar) -> set[str]:
+def _score_generations(model, tokenizer, task: tasks.Task, cfg: EvalConfig, window: int, results: Results | None, bar,
+                       ranks: Ranks) -> set[str]:
     items = tasks.load_items(task, cfg.data_dir, cfg.limit)
-    done = results.done(task.name)
+    done = ranks.gather(results.done(task.name) if results else None)[0]  # what the main process has
     # Longest prompts first: batches of like lengths pad little, and the peak memory shows in the first batch.
     todo = sorted((item for item in items if item.id not in done), key=lambda item: -len(item.prompt))
     progress = bar.add_task(task.name, total=len(items), completed=len(items) - len(todo))
     budget = tasks.max_new_tokens(task, cfg.choice_max_new_tokens, cfg.math_max_new_tokens)
-    for start in range(0, len(todo), cfg.batch_size):
-        batch = todo[start : start + cfg.batch_size]
+
+    def score(batch: list[tasks.Item]) -> list[dict[str, Any]]:
         generations = generate.generate(model, tokenizer, [item.prompt for item in batch], budget, cfg.batch_size,
                                         cfg.num_beams, tasks.stop_strings(task))
         records = []
@@ -138,28 +144,39 @@ def _score_generations(model, tokenizer, task: tasks.Task, cfg: EvalConfig, wind
             prediction, correct = tasks.score(task, generation, item.gold)
             records.append({"task": task.name, "id": item.id, "prompt": item.prompt, "generation": generation,
                             "prediction": prediction, "gold": item.gold, "correct": correct})
-        results.append(records)
-        bar.advance(progress, len(batch))
-    results.reorder()
+        return records
+
+    batches = [todo[start : start + cfg.batch_size] for start in range(0, len(todo), cfg.batch_size)]
+    shared_rounds(batches, ranks, score, lambda records: _append(results, records, bar, progress))
+    if results is not None:
+        results.reorder()  # back in the items' order
     return {item.id for item in items}
 
 
-def _score_windows(model, tokenizer, task: tasks.Task, cfg: EvalConfig, window: int, results: Results, bar) -> set[str]:
+def _append(results: Results, records: list[dict[str, Any]], bar, progress) -> None:
+    results.append(records)
+    bar.advance(progress, len(records))
+
+
+def _score_windows(model, tokenizer, task: tasks.Task, cfg: EvalConfig, window: int, results: Results | None, bar,
+                   ranks: Ranks) -> set[str]:
     ids = tokenizer(tasks.load_text(task, cfg.data_dir), add_special_tokens=False, verbose=False)["input_ids"]
     windows = [ids[start : start + window] for start in range(0, len(ids) - 1, window)][: cfg.limit]
-    done = results.done(task.name)
+    done = ranks.gather(results.done(task.name) if results else None)[0]  # what the main process has
     todo = [index for index in range(len(windows)) if str(index) not in done]
     progress = bar.add_task(task.name, total=len(windows), completed=len(windows) - len(todo))
     per_batch = max(1, generate.TOKENS_PER_BATCH // window)
-    for start in range(0, len(todo), per_batch):
-        batch = todo[start : start + per_batch]
+
+    def score(batch: list[int]) -> list[dict[str, Any]]:
         losses = generate.window_losses(model, [windows[index] for index in batch])
-        results.append([
+        return [
             {"task": task.name, "id": str(index), "prompt": None, "generation": None, "prediction": nll / count,
              "gold": None, "correct": None, "nll": nll, "tokens": count}
             for index, (nll, count) in zip(batch, losses, strict=False)
-        ])
-        bar.advance(progress, len(batch))
+        ]
+
+    batches = [todo[start : start + per_batch] for start in range(0, len(todo), per_batch)]
+    shared_rounds(batches, ranks, score, lambda records: _append(results, records, bar, progress))
     return {str(index) for index in range(len(windows))}
 
 

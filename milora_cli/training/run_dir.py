@@ -12,6 +12,7 @@ Only the main process writes; every other process keeps the same calls and write
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,9 +25,11 @@ from milora_cli import adapter, adapter_folder, atomic, outputs
 from milora_cli.errors import AdapterError, ModelError, RecipeError
 from milora_cli.recipe import dump_recipe, validate
 from milora_cli.runlog import versions
-from milora_cli.training import checkpoints
+from milora_cli.ranks import Ranks
+from milora_cli.training import checkpoints, distributed
 
 COMPLETE = "complete"
+LATEST = "latest"  # `--resume` without a checkpoint
 
 
 class RunDir:
@@ -35,15 +38,20 @@ class RunDir:
     def __init__(self, path: Path, recipe_yaml: str, main: bool):
         self.path, self.recipe_yaml, self.main = path, recipe_yaml, main
 
-    def claim(self, console: Console) -> list[Path] | str | None:
-        """Start, resume or refuse: returns None (start), the checkpoints to resume from (oldest first), or COMPLETE.
+    def claim(self, console: Console, resume: str | None = None) -> list[Path] | str | None:
+        """Start, resume or refuse: returns None (start), the checkpoints to resume from (oldest first: the newest
+        intact one is taken), or COMPLETE.
 
+        `resume` (`milora train --resume [CHECKPOINT]`): LATEST or a checkpoint folder of this run; either
+        must exist. Without it an existing folder resumes from its latest checkpoint, if any.
         Writes nothing: a recipe that then fails to load its model or data leaves no folder that would
         refuse the next, corrected recipe.
         """
         outputs.claim(self.path, "run", "output.dir")
         saved = self.path / "recipe.yaml"
         if not saved.is_file():
+            if resume is not None:
+                raise RecipeError(f"--resume: {self.path} holds no run to resume; train without --resume to start it")
             return None
         differ = _differences(atomic.read_text(saved, RecipeError), self.recipe_yaml)
         if differ:
@@ -54,7 +62,16 @@ class RunDir:
         if (self.path / "adapter" / adapter_folder.META_FILE).is_file():
             console.print(f"{self.path} already holds this run, complete; to train it again, add output.dir=NEW_DIR")
             return COMPLETE
-        return checkpoints.training_checkpoints(self.path) or None
+        found = checkpoints.training_checkpoints(self.path)
+        if resume is None or resume == LATEST:
+            if resume and not found:
+                raise RecipeError(f"--resume: {self.path} holds no checkpoint yet (train.save_every writes them, and Ctrl-C)")
+            return found or None
+        named = Path(resume).resolve()
+        if named not in {path.resolve() for path in found}:
+            have = ", ".join(path.name for path in found) or "none"
+            raise RecipeError(f"--resume: {resume} is not a checkpoint of {self.path} (its checkpoints: {have})")
+        return [named]
 
     def start(self) -> None:
         """A fresh run's folder: its resolved recipe (which claims the folder) and the library versions."""
@@ -95,6 +112,8 @@ class Saver:
         self.run, self.adapters, self.meta, self.accelerator, self.keep = run, adapters, meta, accelerator, keep
 
     def save(self, kind: str, step: int, val_loss: float | None = None, optimizer=None, best: float | None = None) -> None:
+        # every process's RNG, gathered by all of them before the main process writes alone
+        rng = distributed.gathered_rng(Ranks.of(self.accelerator)) if kind == "periodic" else {}
         self.accelerator.wait_for_everyone()
         if not self.run.main:
             return
@@ -104,19 +123,19 @@ class Saver:
         with atomic.atomic_folder(final) as folder:
             adapter_folder.write_adapter(folder, trained, initial, {**self.meta, "step": step, "val_loss": val_loss}, self.run.recipe_yaml)
             if kind == "periodic":
-                rng = {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
                 checkpoints.write_training_state(folder, optimizer, {"step": step, "best_val_loss": best}, rng)
         if kind == "periodic":
             checkpoints.prune(root, self.keep)
 
 
 def resume(found: list[Path], adapters: dict[str, adapter.MiloraLinear], optimizer: torch.optim.Optimizer,
-           console: Console) -> tuple[int, float]:
-    """Load the newest intact periodic checkpoint into the adapters, the optimizer and the RNG; return (step, best
-    validation loss). A damaged checkpoint is reported and skipped; none intact is an AdapterError."""
+           ranks: Ranks, console: Console) -> tuple[int, float]:
+    """Load the newest intact periodic checkpoint into the adapters, the optimizer and this rank's RNG; return
+    (step, best validation loss). A damaged checkpoint is reported and skipped; none intact is an AdapterError.
+    Later checkpoints, of the continuation being replaced (or damaged), are deleted."""
     for folder in reversed(found):
         try:
-            step, best = _load(folder, adapters, optimizer)
+            step, best = _load(folder, adapters, optimizer, ranks)
         except AdapterError as error:
             console.print(f"[yellow]warning:[/] skipping a damaged checkpoint: {escape(str(error))}")
             continue
@@ -127,14 +146,16 @@ def resume(found: list[Path], adapters: dict[str, adapter.MiloraLinear], optimiz
     )
 
 
-def _load(folder: Path, adapters: dict[str, adapter.MiloraLinear], optimizer: torch.optim.Optimizer) -> tuple[int, float]:
+def _load(folder: Path, adapters: dict[str, adapter.MiloraLinear], optimizer: torch.optim.Optimizer, ranks: Ranks) -> tuple[int, float]:
     found = adapter_folder.read_adapter(folder)
     try:
         adapter.load_adapter_tensors(adapters, found.trained, found.initial)
     except ModelError as error:
         raise AdapterError(f"{folder}: {error}") from None
     state, rng = checkpoints.read_training_state(folder, optimizer)
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    distributed.restore_rng(rng, ranks)
+    if ranks.main:
+        for later in checkpoints.training_checkpoints(folder.parent.parent):
+            if later.name > folder.name:
+                shutil.rmtree(later)
     return state["step"], state["best_val_loss"]

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from milora_cli.data import tokens
 from milora_cli.evaluation.generate import eval_mode
 from milora_cli.errors import RecipeError
+from milora_cli.ranks import Ranks, my_batches
 from milora_cli.recipe import Packing, TrainConfig
 
 # Architectures whose logits are exactly lm_head(last hidden state): the loss then projects only the
@@ -38,10 +39,11 @@ def packs(choice: Packing, model: torch.nn.Module) -> bool:
 class CausalLMLoss(torch.nn.Module):
     """Sum of next-token cross-entropies over the label positions of a Batch (data/tokens.py)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, sharded: bool = False):
         super().__init__()
         self.model = model
-        self.plain_head = getattr(model.config, "model_type", None) in _PLAIN_HEAD
+        # A sharded model's root forward is what gathers its embeddings and head: call it whole.
+        self.plain_head = getattr(model.config, "model_type", None) in _PLAIN_HEAD and not sharded
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,9 +100,10 @@ class BatchStream:
 
 
 def optimizer_step(loss_module, micro: list[tokens.Batch], accelerator: Accelerator, params, max_grad_norm: float | None,
-                   n_targets: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Forward/backward over this process's micro-batches of one step, then clip; returns
-    (summed token loss of this process, on the device; gradient norm or None).
+                   n_targets: int, reduce_gradients=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward/backward over this process's micro-batches of one step, `reduce_gradients()` if given (FSDP:
+    the whole adapters' all-reduce), then clip; returns (summed token loss of this process, on the device;
+    gradient norm or None).
 
     The loss is normalised by `n_targets`, the label tokens of the whole global batch (counted on the CPU,
     so no process waits for another here): accumulation and the number of processes do not change the
@@ -113,20 +116,24 @@ def optimizer_step(loss_module, micro: list[tokens.Batch], accelerator: Accelera
             loss_sum = loss_module(**loss_inputs(batch))
             accelerator.backward(loss_sum * accelerator.num_processes / n_targets)
         step_loss += loss_sum.detach()
+    if reduce_gradients is not None:
+        reduce_gradients()
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
     return step_loss, grad_norm
 
 
 @torch.no_grad()
 def validation_loss(loss_module, val_set: tokens.TokenizedDataset, collate: tokens.Collator, micro: int, accelerator: Accelerator) -> float:
-    """Mean token loss over the validation set, each process scoring its own share."""
+    """Mean token loss over the validation set: one process's batches shared out over the processes, the
+    same number of forwards on each (ranks.my_batches), then one sum over the processes."""
     loss, count = torch.zeros((), device=accelerator.device), 0
-    share = val_set.examples[accelerator.process_index :: accelerator.num_processes]
+    batches = [val_set.examples[start : start + micro] for start in range(0, len(val_set.examples), micro)]
     with eval_mode(loss_module):
-        for start in range(0, len(share), micro):
-            batch = collate(share[start : start + micro]).to(accelerator.device)
+        for index, keep in my_batches(len(batches), Ranks.of(accelerator)):
+            batch = collate(batches[index]).to(accelerator.device)
             with accelerator.autocast():
-                loss += loss_module(**loss_inputs(batch)).float()
-            count += batch.targets.numel()
+                batch_loss = loss_module(**loss_inputs(batch)).float()
+            if keep:
+                loss, count = loss + batch_loss, count + batch.targets.numel()
     total = accelerator.reduce(torch.stack([loss, torch.tensor(float(count), device=accelerator.device)]), "sum")
     return (total[0] / total[1].clamp(min=1)).item()

@@ -1,6 +1,6 @@
 """`milora train`: recipe -> model -> adapters -> data -> the Accelerate loop -> checkpoints.
 
-The step math (loss, batching, schedule) lives in loop.py; this module reads top to bottom: claim the
+The step math (loss, batching, schedule) lives in step.py; this module reads top to bottom: claim the
 run folder, build, initialise, score before, train with validation and checkpoints, score after.
 """
 
@@ -22,12 +22,13 @@ from rich.console import Console
 
 from milora_cli.data import tokens
 from milora_cli.errors import RecipeError
+from milora_cli.ranks import Ranks
 from milora_cli.recipe import Recipe, dump_recipe
 from milora_cli.runlog import MetricsLog, Progress, versions
+from milora_cli.training import distributed, run_dir
 from milora_cli.training.benchmarks import TrainingBenchmarks
 from milora_cli.training.build import Setup, build, data_line, initialise
 from milora_cli.training.heldout import HeldoutScorer
-from milora_cli.training.run_dir import COMPLETE, RunDir, Saver, resume
 from milora_cli.training.step import BatchStream, CausalLMLoss, learning_rate, optimizer_step, packs, validation_loss
 
 
@@ -49,22 +50,28 @@ class Loop:
     params: list[torch.nn.Parameter]
     stream: BatchStream
     max_steps: int
-    saver: Saver
+    saver: run_dir.Saver
     benchmarks: TrainingBenchmarks
     log: MetricsLog | None
+    reduce_gradients: Any = None  # FSDP: the whole adapters' gradient all-reduce
     step: int = 0
     best: float = math.inf
 
 
-def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
-    """Run the recipe's training; returns a summary (steps, losses, held-out scores, paths)."""
+def train(recipe: Recipe, console: Console | None = None, resume_at: str | None = None) -> dict[str, Any]:
+    """Run the recipe's training; returns a summary (steps, losses, held-out scores, paths).
+
+    `resume_at`: run_dir.LATEST or a checkpoint folder (`--resume`); None resumes an existing run folder
+    from its latest checkpoint if it has one, and starts otherwise.
+    """
     accelerator = _accelerator(recipe.train.mixed_precision, recipe.model.dtype)
-    main = accelerator.is_main_process
-    console = console if (console is not None and main) else Console(quiet=not main)
-    run = RunDir(Path(recipe.output.dir), dump_recipe(recipe), main)
+    ranks = Ranks.of(accelerator)
+    console = console if (console is not None and ranks.main) else Console(quiet=not ranks.main)
+    run = run_dir.RunDir(Path(recipe.output.dir), dump_recipe(recipe), ranks.main)
+    accumulation = distributed.accumulation_steps(recipe.train, ranks.world)  # a bad global batch fails here
     # 1. the run folder: a fresh run, a resume, or nothing left to do
-    resume_from = run.claim(console)
-    if resume_from == COMPLETE:
+    resume_from = run.claim(console, resume_at)
+    if resume_from == run_dir.COMPLETE:
         return {"complete": True, "run_dir": str(run.path)}
     set_seed(recipe.train.seed)
     # 2. model, adapters, data, initial factors; a fresh run folder is written only once they load
@@ -73,15 +80,16 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         run.start()
     console.print(data_line(recipe, setup))
     meta, summary = initialise(recipe, setup, accelerator, console)
-    scorer = HeldoutScorer(recipe, setup.model, setup.tokenizer, setup.val_examples, run, console)
+    distributed.seed_rank(recipe.train.seed, ranks)  # after the shared init: dropout differs across ranks
+    scorer = HeldoutScorer(recipe, setup.model, setup.tokenizer, setup.val_examples, run, console, ranks)
     # 3. optimizer, batches, steps; resume or score the untrained model
-    saver = Saver(run, setup.adapters, {**meta, "versions": versions()}, accelerator, recipe.train.keep_checkpoints)
-    loop = _prepare(recipe, setup, accelerator, saver, console)
+    saver = run_dir.Saver(run, setup.adapters, {**meta, "versions": versions()}, accelerator, recipe.train.keep_checkpoints)
+    loop = _prepare(recipe, setup, accelerator, saver, console, accumulation)
     if isinstance(resume_from, list):
-        loop.step, loop.best = resume(resume_from, setup.adapters, loop.optimizer.optimizer, console)
+        loop.step, loop.best = run_dir.resume(resume_from, setup.adapters, loop.optimizer.optimizer, ranks, console)
     else:
         summary |= scorer.score("before")
-    loop.log = MetricsLog(run.path, loop.step if isinstance(resume_from, list) else None, recipe.output.tensorboard) if main else None
+    loop.log = MetricsLog(run.path, loop.step if isinstance(resume_from, list) else None, recipe.output.tensorboard) if ranks.main else None
     # 4. the loop: steps, log lines, validation and the best adapter, periodic checkpoints
     _run_loop(loop, console)
     # 5. the final adapter, the held-out score after training, the summary
@@ -96,7 +104,7 @@ def train(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
     return summary
 
 
-def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: Saver, console: Console) -> Loop:
+def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: run_dir.Saver, console: Console, accumulation: int) -> Loop:
     """The optimizer over the adapter parameters, the batch stream, and the model prepared by Accelerate."""
     cfg = recipe.train
     if cfg.gradient_checkpointing:
@@ -105,14 +113,22 @@ def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: Save
     if cfg.compile:
         _compile_layers(setup.model)
     params = [p for p in setup.model.parameters() if p.requires_grad]
+    sharded = cfg.distributed == "fsdp" and accelerator.num_processes > 1
+    if sharded:
+        console.print(distributed.shard(setup.model, params))
+        params = [p for p in setup.model.parameters() if p.requires_grad]  # collected after sharding, as clipping needs
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
-    stream = BatchStream(len(setup.train_set.examples), seed=cfg.seed, micro=cfg.micro_batch_size, accumulation=cfg.gradient_accumulation_steps,
+    stream = BatchStream(len(setup.train_set.examples), seed=cfg.seed, micro=cfg.micro_batch_size, accumulation=accumulation,
                          rank=accelerator.process_index, world=accelerator.num_processes)
     max_steps = total_steps(recipe, len(setup.train_set.examples), stream.global_batch)
-    benchmarks = TrainingBenchmarks(recipe.eval, setup.model, setup.tokenizer, saver.run.path, console, enabled=saver.run.main)
-    loss_module, optimizer = accelerator.prepare(CausalLMLoss(setup.model), optimizer)
+    benchmarks = TrainingBenchmarks(recipe.eval, setup.model, setup.tokenizer, saver.run.path, console, Ranks.of(accelerator))
+    if sharded:  # no DDP around it: the adapters' gradients are averaged by distributed.average_gradients
+        loss_module, optimizer = CausalLMLoss(setup.model, sharded=True), accelerator.prepare(optimizer)
+    else:
+        loss_module, optimizer = accelerator.prepare(CausalLMLoss(setup.model), optimizer)
+    reduce = (lambda: distributed.average_gradients(params, accelerator.num_processes)) if sharded else None
     return Loop(recipe=recipe, setup=setup, accelerator=accelerator, loss_module=loss_module, optimizer=optimizer, params=params,
-                stream=stream, max_steps=max_steps, saver=saver, benchmarks=benchmarks, log=None)
+                stream=stream, max_steps=max_steps, saver=saver, benchmarks=benchmarks, log=None, reduce_gradients=reduce)
 
 
 def _run_loop(loop: Loop, console: Console) -> None:
@@ -130,7 +146,8 @@ def _run_loop(loop: Loop, console: Console) -> None:
             lr = learning_rate(loop.step, cfg, loop.max_steps)
             for group in loop.optimizer.param_groups:
                 group["lr"] = lr
-            step_loss, grad_norm = optimizer_step(loop.loss_module, micro, accelerator, loop.params, cfg.max_grad_norm, n_targets)
+            step_loss, grad_norm = optimizer_step(loop.loss_module, micro, accelerator, loop.params, cfg.max_grad_norm, n_targets,
+                                                  loop.reduce_gradients)
             loop.optimizer.step()
             loop.optimizer.zero_grad(set_to_none=True)
             loop.step += 1

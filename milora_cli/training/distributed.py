@@ -1,0 +1,103 @@
+"""What training changes with the number of processes: the accumulation of a global batch, one RNG stream
+per rank (saved and restored per rank), and FSDP2 sharding of the base weights (ranks.py shares out the
+scoring).
+
+Under `train.distributed: fsdp` only the frozen base weights are sharded (torch.distributed.fsdp.
+fully_shard, one unit per decoder layer, then the root holding embeddings, final norm and head, as
+torchtune does). The adapter factors lora_A, lora_B (well under 2 % of the parameters) stay whole on
+every rank, outside FSDP, in float32, and their gradients are averaged in float32 by one all-reduce per
+step: so clipping sees whole gradients, the saver and the optimizer state see whole tensors, and a bf16
+base never shares an FSDP unit with fp32 trainable factors. A0, B0 are buffers: whole, float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from milora_cli.errors import RecipeError
+from milora_cli.ranks import Ranks
+from milora_cli.recipe import TrainConfig
+
+
+def accumulation_steps(cfg: TrainConfig, world: int) -> int:
+    """Micro-batches per optimizer step on each of `world` processes.
+
+    train.global_batch_size, when set, wins: accumulation = global / (micro_batch_size x processes), the
+    same global batch on 1 or 8 GPUs. Unset, train.gradient_accumulation_steps is taken as it is.
+    """
+    if cfg.global_batch_size is None:
+        return cfg.gradient_accumulation_steps
+    per_pass = cfg.micro_batch_size * world
+    if cfg.global_batch_size % per_pass:
+        fix = (f"a micro_batch_size that divides {cfg.global_batch_size // world}" if cfg.global_batch_size % world == 0
+               else f"a process count that divides {cfg.global_batch_size}")
+        raise RecipeError(
+            f"train.global_batch_size={cfg.global_batch_size} is not a multiple of micro_batch_size x processes"
+            f" = {cfg.micro_batch_size} x {world} = {per_pass}; choose {fix}"
+        )
+    return cfg.global_batch_size // per_pass
+
+
+def shard(model: torch.nn.Module, adapter_params: list[torch.nn.Parameter]) -> str:
+    """FSDP2 over the frozen base weights: each decoder layer, then the root; the adapters left whole.
+    Returns a line saying how much of the model this rank holds."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    ignored = set(adapter_params)
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # no sharded parameter trains; fp32 if one ever does
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, mp_policy=policy, ignored_params=ignored)
+    fully_shard(model, mp_policy=policy, ignored_params=ignored)
+    # What transformers' own FSDP2 helper marks: generate() then keeps every rank stepping until all are
+    # done (synced_gpus), since each forward all-gathers the layers' weights on all ranks.
+    model._is_fsdp_managed_module = True
+    held = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return f"fsdp: {held:,} of {total:,} parameters on each of {torch.distributed.get_world_size()} processes"
+
+
+def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Mean over the processes of the whole adapters' gradients, in float32, in one all-reduce (what DDP
+    does for them under ddp)."""
+    for param in params:
+        if param.grad is None:  # a factor the batch did not reach still takes part in the collective
+            param.grad = torch.zeros_like(param)
+    flat = torch.cat([param.grad.reshape(-1).float() for param in params])  # (sum of numels,)
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    for param, grad in zip(params, flat.split([param.numel() for param in params]), strict=True):
+        param.grad.copy_(grad.view_as(param.grad))
+
+
+def seed_rank(seed: int, ranks: Ranks) -> None:
+    """Give every rank its own dropout stream once the shared initialisation is done.
+
+    Rank 0 continues the run's seeded stream (one process behaves as it always did); rank r > 0 restarts
+    from seed + r, so dropout masks differ across ranks instead of repeating rank 0's.
+    """
+    if ranks.rank > 0:
+        torch.manual_seed(seed + ranks.rank)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed(seed + ranks.rank)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states: the CPU generator and, where there is one, the current CUDA device's."""
+    return {"torch": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})
+
+
+def gathered_rng(ranks: Ranks) -> dict[str, torch.Tensor]:
+    """Every rank's RNG states as {"RANK.torch": ..., "RANK.cuda": ...} (a collective: call on every rank)."""
+    return {f"{rank}.{name}": state for rank, states in enumerate(ranks.gather(rng_state())) for name, state in states.items()}
+
+
+def restore_rng(saved: dict[str, torch.Tensor], ranks: Ranks) -> None:
+    """Restore this rank's RNG states from a checkpoint's (those of checkpoints written before per-rank
+    states, "torch" and "cuda", are rank 0's)."""
+    mine = {name.partition(".")[2]: state for name, state in saved.items() if name.startswith(f"{ranks.rank}.")}
+    mine = mine or {name: state for name, state in saved.items() if "." not in name}
+    if "torch" in mine:
+        torch.set_rng_state(mine["torch"])
+    if "cuda" in mine and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda"])
