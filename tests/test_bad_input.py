@@ -193,7 +193,7 @@ CASES = [
          "is not UTF-8 text"),
     Case("2 wrote a benchmark file that is one JSON object",
          lambda w: [(w.bench / "commonsense/boolq/test.json").write_text('{"instruction": "x"}'), *eval_args(w, w.model, w.tmp / "e")][1:],
-         "holds a list of records"),
+         "must hold a list of records"),
     Case("2 tore predictions.jsonl's last line mid-character, evaluated again",
          lambda w: [cli(*eval_args(w, w.model, w.tmp / "e")),
                     (w.tmp / "e/predictions.jsonl").write_bytes((w.tmp / "e/predictions.jsonl").read_bytes()[:-20] + b"\xc3"),

