@@ -14,7 +14,7 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file
 
-from helpers import REPO, milora
+from helpers import REPO, milora, torch_threads
 from milora_cli.errors import RecipeError
 from milora_cli.recipe import validate
 from milora_cli.training import checkpoints, distributed
@@ -64,7 +64,8 @@ def test_two_processes_score_exactly_what_one_process_scores(tiny_model_dir, tin
                        "data_dir": data_dir, "limit": 5, "every": 2, "choice_max_new_tokens": 4, "ppl_window": 64}
         return raw
     one, two = tmp_path / "one", tmp_path / "two"
-    train(validate(recipe(one)), Console(quiet=True))  # 1 process: accumulation 2
+    with torch_threads(1):  # as the torchrun children (OMP_NUM_THREADS=1)
+        train(validate(recipe(one)), Console(quiet=True))  # 1 process: accumulation 2
     result = torchrun(write_recipe(tmp_path / "two.yaml", recipe(two)))  # 2 processes: accumulation 1
     assert result.stdout.count("adapter written to") == 1  # only the main process reports
     for name in ("heldout_before.jsonl", "heldout_after.jsonl"):

@@ -11,7 +11,7 @@ import psutil
 import torch
 from rich.console import Console
 
-from helpers import REPO, rel_max_error
+from helpers import REPO, rel_max_error, torch_threads
 from milora_cli import merge
 from milora_cli.recipe import validate
 from milora_cli.training import checkpoints
@@ -36,7 +36,8 @@ def test_two_fsdp_processes_train_the_adapter_of_one_process(tiny_model_dir, tin
                        "limit": 9, "choice_max_new_tokens": 4, "ppl_window": 64}
         return raw
     one, two = tmp_path / "one", tmp_path / "two"
-    train(validate(recipe(one)), Console(quiet=True))  # one process: nothing to shard, accumulation 2
+    with torch_threads(1):  # as the torchrun children (OMP_NUM_THREADS=1)
+        train(validate(recipe(one)), Console(quiet=True))  # one process: nothing to shard, accumulation 2
     result = torchrun(write_recipe(tmp_path / "two.yaml", recipe(two)))
     assert "fsdp: " in result.stdout and "parameters on each of 2 processes" in result.stdout  # it did shard
     expected, saved = factors(one / "adapter"), factors(two / "adapter")

@@ -101,7 +101,16 @@ def train(recipe: Recipe, console: Console | None = None, resume_at: str | None 
     summary |= loop.benchmarks.after_training(loop.step)
     run.write("summary.json", json.dumps(summary, indent=2))
     console.print(f"adapter written to [bold]{run.path / 'adapter'}[/]")
+    _leave_process_group(accelerator)
     return summary
+
+
+def _leave_process_group(accelerator: Accelerator) -> None:
+    """Every process done, then the group torn down: a gloo process that exits with its threads still running
+    aborts ('terminate called without an active exception'), failing a run that finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
 
 
 def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: run_dir.Saver, console: Console, accumulation: int) -> Loop:
