@@ -99,6 +99,11 @@ def _choices(name: str, literal: Any) -> type[enum.Enum]:
     return enum.Enum(name, {value: value for value in get_args(literal)}, type=str)
 
 
+# --base of eval and svd-inspect (merge has its own help: the base to export onto)
+BaseOption = Annotated[
+    str | None,
+    typer.Option(help="Base model of the run(s) (folder, hub id, smollm2-135m). Default: the one it trained on.", show_default=False),
+]
 MergeFormat = _choices("MergeFormat", MergeFormatName)
 Dtype = _choices("Dtype", DtypeName)
 
@@ -157,9 +162,7 @@ def svd_inspect(
     plot: Annotated[
         Path | None, typer.Option(help="Write a PNG of the normalised spectra per module type (needs matplotlib).", show_default=False)
     ] = None,
-    base: Annotated[
-        str | None, typer.Option(help="Base model of the runs (folder, hub id, smollm2-135m). Default: the one they trained on.", show_default=False)
-    ] = None,
+    base: BaseOption = None,
 ) -> None:
     """Singular-value spectra of a model's linear weights; for runs, where the learned update lies in them."""
     from milora_cli.spectra.inspect import inspect
@@ -203,9 +206,7 @@ def eval_(
     output: Annotated[
         Path, typer.Option(help="Results folder; an existing one of the same settings resumes, one of another kind is refused (see --force).")
     ] = Path("out/eval"),
-    base: Annotated[
-        str | None, typer.Option(help="Base model of a run (folder, hub id, smollm2-135m). Default: the one it trained on.", show_default=False)
-    ] = None,
+    base: BaseOption = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace an --output folder that holds another kind of result (a run, a merge, a model).")
     ] = False,
