@@ -145,14 +145,17 @@ class Collator:
 
     def _packed(self, batch: list[TokenizedExample]) -> Batch:
         rows: list[list[TokenizedExample]] = [[]]
+        lengths = [0]  # tokens of each row
         for t in batch:  # 1. whole examples into rows, in order
-            if rows[-1] and sum(len(u.input_ids) for u in rows[-1]) + len(t.input_ids) > self.row_tokens:
+            if rows[-1] and lengths[-1] + len(t.input_ids) > self.row_tokens:
                 rows.append([])
+                lengths.append(0)
             rows[-1].append(t)
-        width = max(sum(len(t.input_ids) for t in row) for row in rows)
+            lengths[-1] += len(t.input_ids)
+        width = max(lengths)
         grid = [[], [], []]  # 2. input ids, position ids, labels of each row, its padding a segment of its own
-        for row in rows:
-            pad = width - sum(len(t.input_ids) for t in row)
+        for row, length in zip(rows, lengths, strict=True):
+            pad = width - length
             # An example's first label would be the target of the previous example's last token: never trained,
             # exactly as the first label of a padded row is never a target.
             grid[0].append([token for t in row for token in t.input_ids] + [self.pad_token_id] * pad)
@@ -160,8 +163,7 @@ class Collator:
             grid[2].append([label for t in row for label in (IGNORE_INDEX, *t.labels[1:])] + [IGNORE_INDEX] * pad)
         input_ids, position_ids, labels = (torch.tensor(part, dtype=torch.long) for part in grid)  # (R, T) each
         positions, targets = _label_positions(labels)
-        n_tokens = sum(len(t.input_ids) for t in batch)
-        return Batch({"input_ids": input_ids, "position_ids": position_ids}, labels, positions, targets, n_tokens)
+        return Batch({"input_ids": input_ids, "position_ids": position_ids}, labels, positions, targets, sum(lengths))
 
 
 def render_label_mask(tokenizer: Any, tokenized: TokenizedExample) -> Text:
