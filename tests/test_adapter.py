@@ -95,18 +95,34 @@ def test_only_adapter_factors_receive_gradients():
 
 def test_input_dropout_zeroes_p_and_scales_the_rest_like_torch():
     drop = adapter.InputDropout(0.2)
-    x = torch.rand(400, 500, dtype=torch.float64) + 0.5
+    x = torch.rand(401, 499, dtype=torch.float64) + 0.5  # not a multiple of 4 elements: the last 64-bit draw is cut
     torch.manual_seed(0)
     y = drop.train()(x)
     dropped = (y == 0).double().mean().item()
     assert abs(dropped - 0.2) < 0.005  # 200,000 draws: 4.4 standard errors
-    assert torch.allclose(y[y != 0], (x / 0.8)[y != 0]) and y.dtype == x.dtype
+    assert torch.allclose(y[y != 0], (x / 0.8)[y != 0], rtol=1e-4) and y.dtype == x.dtype  # p to 2^-16: 1/0.8 within 2.4e-5
     assert abs(y.mean().item() - x.mean().item()) < 0.01  # unbiased, as nn.Dropout
     x.requires_grad_(True)
     z = drop(x)
     z.sum().backward()
-    assert torch.equal(x.grad, (z != 0).double() / 0.8)  # gradient through the kept entries only
+    z = z.detach()
+    scale = (z[z != 0][0] / x[z != 0][0]).item()
+    assert torch.equal(x.grad, (z != 0).double() * scale)  # gradient through the kept entries only
     assert drop.eval()(x) is x
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5])
+def test_input_dropout_keeps_each_element_independently_with_probability_1_minus_p(p):
+    """Every one of the four 16-bit lanes of a 64-bit draw drops at rate p (a lane's high bit, or a
+    biased draw, would show here), and the kept values are scaled so that the mean is unchanged."""
+    drop = adapter.InputDropout(p).train()
+    torch.manual_seed(1)
+    y = drop(torch.ones(1000, 400))  # 100,000 elements in each lane
+    lanes = (y == 0).double().view(-1, 4).mean(0)
+    assert (lanes - p).abs().max().item() < 5 * (p * (1 - p) / 100_000) ** 0.5
+    kept = y[y != 0]
+    assert torch.equal(kept, torch.full_like(kept, kept[0].item())) and abs(kept[0].item() * (1 - p) - 1) < 2**-15
+    assert y.to(torch.bfloat16).dtype == torch.bfloat16 and drop(torch.ones(7, 3, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 def perturb(layers: dict, seed: int = 3) -> None:
