@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--per-set", type=int, default=400)
     args = parser.parse_args()
     env = {**os.environ, "COLUMNS": "200"}
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "mixed.json").write_text(json.dumps(mixed_data(args.per_set, seed=0)))
@@ -130,6 +131,8 @@ def main() -> None:
         logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
         steps = {r["step"]: r["real"] for r in peft}
         milora_tps = real / sum(steps[rec["step"]] / rec["tokens_per_s"] for rec in logged if rec["step"] in steps)
+    print(f"machine: {os.cpu_count()} CPUs; load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
+          f"(the benchmark itself holds the torch threads; more than that means other work shared the cores)")
     print(f"model {args.model}, fp32 on CPU, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; r={args.rank} on q,k,v,up,down; "
           f"batch {args.batch}; steps {WARMUP + 1}-{args.steps}: {real} real tokens ({real / len(peft) / args.batch:.0f} per example); "
           f"PEFT's padded batches were {100 * padding:.0f}% padding")
