@@ -145,12 +145,13 @@ class Collator:
         return Batch(inputs, labels, positions, targets, sum(len(t.input_ids) for t in batch))
 
     def _packed(self, batch: list[TokenizedExample]) -> Batch:
-        rows = pack_rows([len(t.input_ids) for t in batch], self.row_tokens)
-        width = max(sum(len(batch[i].input_ids) for i in row) for row in rows)
+        lengths = [len(t.input_ids) for t in batch]
+        rows = pack_rows(lengths, self.row_tokens)
+        used = [sum(lengths[i] for i in row) for row in rows]  # tokens of each row
         grid = [[], [], []]  # input ids, position ids, labels of each row, its padding a segment of its own
-        for row in rows:
+        for row, n in zip(rows, used, strict=True):
             examples = [batch[i] for i in row]
-            pad = width - sum(len(t.input_ids) for t in examples)
+            pad = max(used) - n
             # An example's first label would be the target of the previous example's last token: never trained,
             # exactly as the first label of a padded row is never a target.
             grid[0].append([token for t in examples for token in t.input_ids] + [self.pad_token_id] * pad)
@@ -158,8 +159,7 @@ class Collator:
             grid[2].append([label for t in examples for label in (IGNORE_INDEX, *t.labels[1:])] + [IGNORE_INDEX] * pad)
         input_ids, position_ids, labels = (torch.tensor(part, dtype=torch.long) for part in grid)  # (R, T) each
         positions, targets = _label_positions(labels)
-        return Batch({"input_ids": input_ids, "position_ids": position_ids}, labels, positions, targets,
-                     sum(len(t.input_ids) for t in batch))
+        return Batch({"input_ids": input_ids, "position_ids": position_ids}, labels, positions, targets, sum(lengths))
 
 
 def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
@@ -175,16 +175,17 @@ def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
     """
     cap, longest, total = max(row_tokens, *lengths), max(lengths), sum(lengths)  # a longer example: a row of its own
     best = _in_order(lengths, cap)
+    best_area = _area(best, lengths)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep batch order
     for n_rows in range(-(-total // cap), len(lengths) + 1):
-        if n_rows * longest >= _area(best, lengths):
+        if n_rows * longest >= best_area:
             break  # from here on even the least width is no better
-        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep batch order
         for width in range(max(-(-total // n_rows), longest), cap + 1):
-            if n_rows * width >= _area(best, lengths):
+            if n_rows * width >= best_area:
                 break
             rows = _best_fit(order, lengths, n_rows, width)
             if rows is not None:
-                best = rows
+                best, best_area = rows, _area(rows, lengths)
                 break
     return sorted(sorted(row) for row in best)
 
