@@ -1,6 +1,12 @@
 """Errors a user can cause. The CLI prints str(error) as one line and exits with code 2."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of a library's error message (or its type when it says nothing), for one line of ours."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class MiloraError(Exception):
     """A user mistake: the CLI prints str(e) as one line and exits 2."""
 

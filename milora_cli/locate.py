@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from milora_cli.errors import HubError
+from milora_cli.errors import HubError, first_line
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 # What a model needs from its repository: config, tokenizer, safetensors weights (never pickles), remote code.
@@ -51,8 +51,7 @@ def hub_snapshot(repo_id: str, repo_type: RepoType, revision: str | None = None,
             f"(or `huggingface-cli download`), or pass a local path"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as error:  # unknown repo, gated, bad revision
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise HubError(f"cannot fetch hub {repo_type} '{repo_id}'{_at(revision)}: {first}") from None
+        raise HubError(f"cannot fetch hub {repo_type} '{repo_id}'{_at(revision)}: {first_line(error)}") from None
     return Path(folder)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from milora_cli import atomic, dtypes, locate
-from milora_cli.errors import ModelError
+from milora_cli.errors import ModelError, first_line
 
 SOURCE_FILE = "milora_source.json"
 
@@ -144,7 +144,7 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as error:  # missing or unreadable tokenizer files
-        raise ModelError(f"cannot load the tokenizer of '{path}': {_first_line(error)}") from None
+        raise ModelError(f"cannot load the tokenizer of '{path}': {first_line(error)}") from None
     if tokenizer.pad_token_id is None:  # Llama-style tokenizers have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -168,7 +168,7 @@ def load_model(
             device_map={"": torch.device(device)}, attn_implementation=attn_implementation, **quantized,
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ModelError(f"cannot load model '{path}': {_first_line(error)}") from None
+        raise ModelError(f"cannot load model '{path}': {first_line(error)}") from None
     return model.eval()
 
 
@@ -180,10 +180,6 @@ def check_attention(attn_implementation: str, dtype: str, device: str | torch.de
         raise ModelError("model.attn_implementation=flash_attention_2 needs flash-attn: pip install flash-attn; or use sdpa")
     if torch.device(device).type != "cuda" or dtype == "fp32":
         raise ModelError(f"flash_attention_2 runs on CUDA in bf16/fp16; here device={device}, dtype={dtype}: use sdpa")
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
