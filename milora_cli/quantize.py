@@ -103,13 +103,14 @@ def bnb_config(quantize: Quantize, dtype: str):
     return BitsAndBytesConfig(**_BNB[quantize], bnb_4bit_compute_dtype=dtypes.TORCH[dtype])
 
 
-def full_precision_weights(
-    adapters: Mapping[str, Any], quantize: Quantize, model_path: str, revision: str | None, dtype: str
-) -> Mapping[str, torch.Tensor]:
-    """{layer: W in `dtype`}: the layers' own weights, or for a quantized base the checkpoint's, read one at a time."""
+def full_precision_weights(adapters: Mapping[str, Any], quantize: Quantize, model_folder: str, dtype: str) -> Mapping[str, torch.Tensor]:
+    """{layer: W in `dtype`}: the layers' own weights, or for a quantized base the checkpoint's, read one at a time.
+
+    `model_folder`: the model's local folder (models.resolve has fetched or found a hub id's snapshot).
+    """
     if quantize == "none":
         return {name: layer.base_layer.weight for name, layer in adapters.items()}
-    tensors = shards.read_index(checkpoint_folder(model_path, revision))
+    tensors = shards.read_index(Path(model_folder))
     for name, layer in adapters.items():
         info = tensors.get(f"{name}.weight")
         expected = (layer.lora_B.out_features, layer.lora_A.in_features)
@@ -121,11 +122,3 @@ def full_precision_weights(
             )
     return shards.LazyWeights(tensors, list(adapters), dtypes.TORCH[dtype])
 
-
-def checkpoint_folder(model_path: str, revision: str | None) -> Path:
-    """The local folder of a resolved model: itself, or the snapshot of a hub id (from_pretrained fetched it)."""
-    if Path(model_path).is_dir():
-        return Path(model_path)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model_path, revision=revision, allow_patterns=["*.json", "*.safetensors"]))

@@ -41,7 +41,7 @@ def adapted(model_dir: str, quantized: str, cfg: AdapterConfig, use_cache: bool 
     model = quantize.load_model(model_dir, "fp32", quantized)
     before = logits(model)
     layers = adapter.inject(model, adapter.find_targets(model, cfg.target_modules), cfg.r, cfg.alpha, 0.0)
-    weights = quantize.full_precision_weights(layers, quantized, model_dir, None, "fp32")
+    weights = quantize.full_precision_weights(layers, quantized, model_dir, "fp32")
     init_cache.initialise(layers, cfg, seed=0, use_cache=use_cache, weights=weights)
     return model, layers, before
 
@@ -118,7 +118,7 @@ def test_an_already_quantized_checkpoint_is_refused(tmp_path):
     save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(1024, 1, dtype=torch.uint8)}, tmp_path / "prequantized" / "model.safetensors")
     layer = adapter.MiloraLinear(torch.nn.Linear(32, 64, bias=False), 4, 4.0, 0.0)
     with pytest.raises(QuantizeError, match=r"U8 of shape \[1024, 1\] \(expected floats of shape \[64, 32\]\)"):
-        quantize.full_precision_weights({"model.layers.0.mlp.up_proj": layer}, "nf4", str(tmp_path / "prequantized"), None, "fp32")
+        quantize.full_precision_weights({"model.layers.0.mlp.up_proj": layer}, "nf4", str(tmp_path / "prequantized"), "fp32")
 
 
 def test_the_nf4_recipe_is_the_paper_recipe_on_a_4_bit_base():

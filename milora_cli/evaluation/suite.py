@@ -76,7 +76,7 @@ def _load_run(folder: Path, dtype: str | None, device: str, console: Console, qu
     compute, quantized = dtype or meta["base_dtype"], quantized or meta.get("base_quantize", "none")
     model = _load_base(str(base_folder), compute, device, quantized)
     adapters = adapter.inject(model, meta["target_modules"], meta["r"], meta["lora_alpha"], 0.0)
-    seen = models.weights_fingerprint(quantize.full_precision_weights(adapters, quantized, str(base_folder), None, compute))
+    seen = models.weights_fingerprint(quantize.full_precision_weights(adapters, quantized, str(base_folder), compute))
     if dtype is None and seen != meta["base_fingerprint"]:
         console.print(f"[yellow]warning:[/] the weights of {base} differ from those the adapter was trained on")
     adapter.load_adapter_tensors(adapters, found.trained, found.initial)

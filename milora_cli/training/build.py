@@ -94,7 +94,7 @@ def initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console: 
     if model_cfg.quantize != "none":
         console.print(f"{model_cfg.quantize} base: the initial factors come from the full-precision weights of {setup.model_path}")
     start = time.perf_counter()
-    weights = quantize.full_precision_weights(setup.adapters, model_cfg.quantize, setup.model_path, model_cfg.revision, model_cfg.dtype)
+    weights = quantize.full_precision_weights(setup.adapters, model_cfg.quantize, setup.model_path, model_cfg.dtype)
     report = init_cache.initialise(setup.adapters, recipe.adapter, seed=recipe.train.seed, use_cache=recipe.adapter.cache_factors,
                                    rank=accelerator.process_index, world=accelerator.num_processes, weights=weights)
     seconds = time.perf_counter() - start
