@@ -113,8 +113,9 @@ class DataConfig(_Section):
     max_examples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
     packing: Packing = Field(
         "auto",
-        description="Pack each micro-batch into one row without padding (position_ids restart per example; no attention "
-        "across examples). auto: on for the architectures whose packed masks milora knows (Llama, Mistral, Qwen2/3).",
+        description="Pack each micro-batch's examples whole into rows of at most max_length tokens, few and evenly filled "
+        "(position_ids restart per example; no attention across examples). auto: on for the architectures whose packed "
+        "masks milora knows (Llama, Mistral, Qwen2/3).",
     )
 
     @model_validator(mode="after")

@@ -231,7 +231,7 @@ def _read_hub(repo_id: str, split: str) -> list[Any]:
     if not chosen:
         found = ", ".join(p.relative_to(folder).as_posix() for p in files) or "none"
         raise DataError(f"hub dataset '{repo_id}' has no data file for split '{split}' (data files: {found}); set data.split")
-    return [record for file in chosen for record in _READERS[file.suffix](file)]
+    return [record for file in chosen for record in read_file(file)]
 
 
 def _read_examples(path: str, fmt: str, split: str) -> list[Example]:
