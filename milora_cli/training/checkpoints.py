@@ -17,6 +17,7 @@ from safetensors.torch import save
 
 from milora_cli import adapter_folder, atomic
 from milora_cli.errors import AdapterError
+from milora_cli.training import distributed
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
@@ -40,17 +41,14 @@ def read_training_state(folder: Path, optimizer: torch.optim.Optimizer) -> tuple
             and isinstance(state.get("param_groups"), list)):
         raise AdapterError(f"{folder / STATE_FILE} is damaged: step, best_val_loss or param_groups is missing or of the wrong type")
     tensors = adapter_folder.read_tensors(folder / OPTIMIZER_FILE, (state.pop("checksums", None) or {}).get(OPTIMIZER_FILE))
-    has_rng = any(key in tensors for key in ("rng.torch", "rng.0.torch"))  # one process's state, or rank 0's of several
+    rng = {key.partition(".")[2]: value for key, value in tensors.items() if key.startswith("rng.")}
+    has_rng = "torch" in distributed.rank_rng(rng, 0)  # one process's state, or rank 0's of several
     if not has_rng or not all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
         raise AdapterError(f"{folder / OPTIMIZER_FILE} is damaged: no RNG state, or NaN or infinite values")
     per_param: dict[int, dict[str, torch.Tensor]] = {}
-    rng = {}
     for key, value in tensors.items():
-        kind, _, rest = key.partition(".")
-        if kind == "rng":
-            rng[rest] = value
-        else:
-            index, _, name = rest.partition(".")
+        if not key.startswith("rng."):
+            index, _, name = key.partition(".")[2].partition(".")  # state.{index}.{name}
             per_param.setdefault(int(index), {})[name] = value
     try:
         optimizer.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})

@@ -92,11 +92,16 @@ def gathered_rng(ranks: Ranks) -> dict[str, torch.Tensor]:
     return {f"{rank}.{name}": state for rank, states in enumerate(ranks.gather(rng_state())) for name, state in states.items()}
 
 
+def rank_rng(saved: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s RNG states ("torch", "cuda") among a checkpoint's (those of checkpoints written before
+    per-rank states, unprefixed, are rank 0's)."""
+    mine = {name.partition(".")[2]: state for name, state in saved.items() if name.startswith(f"{rank}.")}
+    return mine or {name: state for name, state in saved.items() if "." not in name}
+
+
 def restore_rng(saved: dict[str, torch.Tensor], ranks: Ranks) -> None:
-    """Restore this rank's RNG states from a checkpoint's (those of checkpoints written before per-rank
-    states, "torch" and "cuda", are rank 0's)."""
-    mine = {name.partition(".")[2]: state for name, state in saved.items() if name.startswith(f"{ranks.rank}.")}
-    mine = mine or {name: state for name, state in saved.items() if "." not in name}
+    """Restore this rank's RNG states from a checkpoint's."""
+    mine = rank_rng(saved, ranks.rank)
     if "torch" in mine:
         torch.set_rng_state(mine["torch"])
     if "cuda" in mine and torch.cuda.is_available():
