@@ -19,6 +19,7 @@ values); any failure is an AdapterError naming the file.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from milora_cli import atomic, dtypes, models
+from milora_cli import atomic, dtypes, models, shards
 from milora_cli.errors import AdapterError
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -136,12 +137,17 @@ def open_adapter(path: Path, flag: str) -> Adapter:
     raise AdapterError(f"{flag} {path} is neither a run folder with adapter/ nor an adapter folder (no {META_FILE})")
 
 
-def locate_base(base: str | None, meta: dict[str, Any], download: bool, flag: str = "--base") -> tuple[str, str | None, Path | None]:
+def locate_base(base: str | None, meta: dict[str, Any], download: bool, flag: str = "--base",
+                code: bool = False) -> tuple[str, str | None, Path | None]:
     """(name for from_pretrained, revision, local folder): `base` (given as `flag`), else the base the run trained on.
 
-    A hub id is downloaded (weights included) only when `download`; a PEFT export needs just its name.
+    A hub id is downloaded (weights included) only when `download`, its Python files only when `code`; a PEFT
+    export needs just its name. The recorded base_model_path is a hint from a file that may come from anyone:
+    it is used only when its weights have the recorded fingerprint, so a downloaded adapter cannot point
+    a command at another local model.
     """
     revision = None
+    hinted = base is None and Path(meta["base_model_path"]).is_dir()
     if base is None:
         recorded = Path(meta["base_model_path"])
         name = meta["base_model"]  # a hub id records itself as its path; a local folder its absolute path
@@ -156,8 +162,23 @@ def locate_base(base: str | None, meta: dict[str, Any], download: bool, flag: st
     on_hub = models.is_hub(base)
     if on_hub and not download:
         return base, revision, None
-    folder = Path(models.resolve(base, revision))  # a hub id: fetched, or found in the offline cache (locate.py)
+    folder = Path(models.resolve(base, revision, code=code))  # a hub id: fetched, or found in the offline cache (locate.py)
+    if hinted and base_fingerprint(folder, tuple(meta["target_modules"]), meta["base_dtype"]) != meta["base_fingerprint"]:
+        raise AdapterError(
+            f"{META_FILE} names the base model folder {folder}, but its weights are not those the adapter was trained on "
+            f"(their fingerprint differs from the recorded {meta['base_fingerprint']}); pass --base with the model it was trained on"
+        )
     return (base, revision, folder) if on_hub else (str(folder.resolve()), None, folder)
+
+
+@functools.lru_cache(maxsize=4)
+def base_fingerprint(folder: Path, layers: tuple[str, ...], dtype: str) -> str | None:
+    """models.weights_fingerprint of a model folder's weights of `layers` in `dtype` (as training recorded it), read
+    tensor by tensor; None when the folder lacks one of them. Cached: merge checks the same base again."""
+    tensors = shards.read_index(folder)
+    if any(f"{layer}.weight" not in tensors for layer in layers):
+        return None
+    return models.weights_fingerprint(shards.LazyWeights(tensors, list(layers), dtypes.TORCH[dtype]))
 
 
 def read_adapter(folder: Path) -> Adapter:

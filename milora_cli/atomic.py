@@ -3,10 +3,11 @@ leaves either the previous version or the new one, never half of one."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from milora_cli.errors import DataError, MiloraError
+from milora_cli.errors import DataError, MiloraError, OutputError
 
 
 def read_text(path: Path, error: type[MiloraError] = DataError) -> str:
@@ -39,21 +40,45 @@ def read_json(path: Path, what: str, error: type[MiloraError] = DataError) -> di
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a file through a temporary sibling and a rename: readers see the old or the new file."""
+    """Write a file through a temporary sibling and a rename: readers see the old or the new file.
+
+    The rename replaces a symbolic link at `path` itself, never the file it points to.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    fd, tmp = _new_file(path.parent, f".{path.name}-")
     try:
-        os.chmod(tmp, default_mode(0o666))  # mkstemp's 0600 would make the file private to its writer
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException as error:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if isinstance(error, OSError):
             raise named(error, path) from None
         raise
+
+
+def _new_file(folder: Path, prefix: str) -> tuple[int, Path]:
+    """A new file of a random name in `folder`, open for writing, with the permissions open() gives (0666 less
+    the umask; mkstemp's 0600 would make it private to its writer, and reading the umask would change it)."""
+    while True:
+        tmp = folder / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def new_folder(parent: Path, prefix: str) -> Path:
+    """A new folder of a random name in `parent`, with the permissions mkdir() gives (0777 less the umask)."""
+    while True:
+        tmp = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def named(error: OSError, path: Path, tmp: Path | None = None) -> OSError:
@@ -64,11 +89,27 @@ def named(error: OSError, path: Path, tmp: Path | None = None) -> OSError:
     return error
 
 
-def default_mode(mode: int) -> int:
-    """`mode` less the process umask: the permissions open() or mkdir() would give a new file or folder."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def refuse_link(path: Path) -> None:
+    """Refuse to write, empty or delete through a symbolic link: a downloaded folder may hold one to any file."""
+    if path.is_symlink():
+        raise OutputError(f"{path} is a symbolic link (to {os.readlink(path)}); milora writes no file through a link: "
+                          "remove the link, or choose another folder")
+
+
+def open_to_append(path: Path, empty: bool = False):
+    """`path` opened for appending text (`empty`: emptied first), created if absent; a symbolic link is refused."""
+    refuse_link(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if empty else 0) | _NOFOLLOW
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as error:
+        if error.errno == errno.ELOOP:  # a link made after the check above
+            refuse_link(path)
+        raise
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def write_text_atomic(path: Path, text: str) -> None:

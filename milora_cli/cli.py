@@ -64,6 +64,15 @@ def describe(error: Exception) -> str:
     return str(error)
 
 
+# What only the command line may allow (a recipe, a run folder or a model from elsewhere never can): models.Trust
+TrustRemoteCode = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Run the model repository's own Python code (auto_map). Only for code you trust.")
+]
+AllowPickleWeights = Annotated[
+    bool, typer.Option("--allow-pickle-weights", help="Also load .bin (pickle) weights of a local model. Default: safetensors only.")
+]
+
+
 @app.command()
 @user_errors
 def train(
@@ -81,17 +90,24 @@ def train(
                      help="Resume output.dir from its latest checkpoint, or from CHECKPOINT (one of its checkpoints/step-N); "
                           "an error if there is none."),
     ] = None,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle_weights: AllowPickleWeights = False,
 ) -> None:
     """Train a MiLoRA / PiSSA / LoRA adapter from a recipe. An existing run dir of the same recipe resumes."""
+    from milora_cli.models import Trust
     from milora_cli.recipe import load_recipe
     from milora_cli.training.build import describe
     from milora_cli.training.train import train as run_training
 
     resolved = load_recipe(recipe, overrides or [])
+    if resolved.model.trust_remote_code and not trust_remote_code:
+        errors.print("note: model.trust_remote_code in the recipe runs no code by itself; add --trust-remote-code to run the "
+                     "model repository's code, only if you trust it", highlight=False, soft_wrap=True)
+    trust = Trust(remote_code=trust_remote_code, pickle_weights=allow_pickle_weights)
     if dry_run:
-        describe(resolved, console)
+        describe(resolved, console, trust)
         return
-    run_training(resolved, console, resume_at=resume)
+    run_training(resolved, console, resume_at=resume, trust=trust)
 
 
 def _choices(name: str, literal: Any) -> type[enum.Enum]:
@@ -210,15 +226,19 @@ def eval_(
     force: Annotated[
         bool, typer.Option("--force", help="Replace an --output folder that holds another kind of result (a run, a merge, a model).")
     ] = False,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle_weights: AllowPickleWeights = False,
 ) -> None:
     """Score a model or a run on the paper's benchmarks: per-example JSONL, summary JSON and a table. Resumes."""
-    from milora_cli.recipe import eval_settings
     from milora_cli.evaluation.suite import run as run_eval
+    from milora_cli.models import Trust
+    from milora_cli.recipe import eval_settings
 
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     cfg = eval_settings({"tasks": names, "data_dir": data_dir, "limit": limit, "batch_size": batch_size, "num_beams": num_beams,
                          "choice_max_new_tokens": max_new_tokens, "math_max_new_tokens": max_new_tokens}, _EVAL_FLAGS)
-    run_eval(model_or_run, cfg, output, dtype.value if dtype else None, console, quantize.value if quantize else None, base=base, force=force)
+    run_eval(model_or_run, cfg, output, dtype.value if dtype else None, console, quantize.value if quantize else None, base=base, force=force,
+             trust=Trust(remote_code=trust_remote_code, pickle_weights=allow_pickle_weights))
 
 
 def main() -> None:  # pragma: no cover - `milora` and `python -m milora_cli`

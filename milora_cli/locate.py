@@ -17,10 +17,16 @@ from typing import Literal
 from milora_cli.errors import HubError, first_line
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
-# What a model needs from its repository: config, tokenizer, safetensors weights (never pickles), remote code.
-MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.py", "*.tiktoken"]
+# What a model needs from its repository: config, tokenizer, safetensors weights (never pickles); its Python code
+# only when asked (models.resolve: --trust-remote-code, or merge copying it).
+MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+CODE_FILES = ["*.py"]
 ETAG_TIMEOUT_S = 5  # per request to the hub; an unreachable hub fails fast instead of retrying for a minute
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+# A hub revision: a commit hash, or a branch or tag name as git allows it ("/"-separated parts, as in refs/pr/1),
+# so that huggingface_hub's cache path refs/<revision> stays inside the repository's folder.
+_REVISION = re.compile(r"[A-Za-z0-9_][\w+-]*(\.[\w+-]+)*(/[A-Za-z0-9_][\w+-]*(\.[\w+-]+)*)*")
+REVISION_RULE = "a branch, tag or commit: letters, digits, _ + - ., parts joined by /, no part starting with . and no .."
 RepoType = Literal["model", "dataset"]
 
 
@@ -29,6 +35,13 @@ def is_local(name: str) -> bool:
     if name.startswith(("/", "./", "../", "~", ".")) or name.endswith(DATA_SUFFIXES):
         return True
     return Path(name).expanduser().exists() or _HUB_ID.fullmatch(name) is None
+
+
+def check_revision(revision: str | None) -> str | None:
+    """`revision` when it can name a hub branch, tag or commit; a ValueError saying why not otherwise."""
+    if revision is not None and _REVISION.fullmatch(revision) is None:
+        raise ValueError(f"'{revision}' is not a hub revision ({REVISION_RULE})")
+    return revision
 
 
 def fetch_command(repo_id: str, repo_type: RepoType) -> str:
@@ -40,6 +53,10 @@ def hub_snapshot(repo_id: str, repo_type: RepoType, revision: str | None = None,
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    try:
+        check_revision(revision)  # also a revision read from a file (adapter_meta.json)
+    except ValueError as error:
+        raise HubError(f"{repo_type} '{repo_id}': {error}") from None
     try:
         folder = snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=patterns,
                                    etag_timeout=ETAG_TIMEOUT_S)

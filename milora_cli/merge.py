@@ -50,15 +50,17 @@ def merge(
     folder, meta, layers, shapes = found.folder, found.meta, found.layers, found.shapes
     limit = parse_size(max_shard_size)
     outputs.claim(output, "merge", "--output", force, inputs=[folder])  # before a base is downloaded
-    name, revision, base_folder = adapter_folder.locate_base(base, meta, download=fmt == "merged")
+    # merge copies the base's code files into the merged folder (it runs none of them)
+    name, revision, base_folder = adapter_folder.locate_base(base, meta, download=fmt == "merged", code=True)
     outputs.refuse_inside(output, "--output", [base_folder])
     tensors = None
     if base_folder is None:
         console.print(f"[yellow]note:[/] base {name} is not on this machine: the adapter is not checked against its weights")
     else:
+        console.print(f"base model: {name}" + ("" if str(base_folder) == name else f" ({base_folder})"))
         tensors = shards.read_index(base_folder)
         check_base(tensors, _trained_on(meta, base_folder), shapes, name)
-        seen = models.weights_fingerprint(shards.LazyWeights(tensors, layers, dtypes.TORCH[meta["base_dtype"]]))
+        seen = adapter_folder.base_fingerprint(base_folder, tuple(layers), meta["base_dtype"])
         if seen != meta["base_fingerprint"]:
             console.print(
                 f"[yellow]warning:[/] the weights of {name} differ from those the adapter was trained on (fingerprint "
@@ -164,9 +166,12 @@ def write_merged(
 
 
 def _copy_model_files(base_folder: Path, folder: Path, dtype: str) -> None:
-    """Config, tokenizer, generation config and code of the base; config.json gets the written dtype."""
+    """Config, tokenizer, generation config and code of the base; config.json gets the written dtype.
+
+    Only files inside the base folder (or its hub cache blobs) are copied: a link to elsewhere is refused.
+    """
     for path in sorted(base_folder.iterdir()):
-        if path.is_file() and not _NOT_COPIED.match(path.name) and path.name != models.SOURCE_FILE:
+        if not _NOT_COPIED.match(path.name) and path.name != models.SOURCE_FILE and shards.model_file(base_folder, path.name).is_file():
             shutil.copyfile(path, folder / path.name)
     config = json.loads((folder / "config.json").read_text())
     name = str(dtypes.TORCH[dtype]).removeprefix("torch.")

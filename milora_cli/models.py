@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,15 +46,29 @@ def cache_root() -> Path:
     return Path(os.environ.get("MILORA_CACHE") or Path.home() / ".cache" / "milora")
 
 
-def resolve(name_or_path: str, revision: str | None = None) -> str:
+@dataclass(frozen=True)
+class Trust:
+    """What the user allowed on the command line (never a downloaded file): to run a model repository's own Python
+    code (--trust-remote-code), to unpickle its .bin weights (--allow-pickle-weights)."""
+
+    remote_code: bool = False
+    pickle_weights: bool = False
+
+
+UNTRUSTED = Trust()  # the default everywhere: no code run, no pickle loaded
+
+
+def resolve(name_or_path: str, revision: str | None = None, code: bool = False) -> str:
     """The local folder of a model: embedded (converted once), a local folder, or a hub id's cached snapshot.
 
-    Which of the three a name is follows locate.is_local, the one rule every command uses.
+    Which of the three a name is follows locate.is_local, the one rule every command uses. `code`: also fetch
+    a hub repository's Python files (to run them, or for merge to copy them).
     """
     if name_or_path in EMBEDDED:
         return str(embedded_folder(name_or_path))
     if is_hub(name_or_path):
-        return str(check_folder(locate.hub_snapshot(name_or_path, "model", revision, locate.MODEL_FILES), name_or_path))
+        patterns = locate.MODEL_FILES + (locate.CODE_FILES if code else [])
+        return str(check_folder(locate.hub_snapshot(name_or_path, "model", revision, patterns), name_or_path))
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         raise ModelError(
@@ -110,7 +123,7 @@ def _convert_gguf(gguf_dir: Path, spec: EmbeddedModel, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    tmp = atomic.new_folder(folder.parent, f".{folder.name}-")  # readable by other users, as mkdir makes it
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=spec.gguf_file, dtype=torch.float32)
         # The weights are de-quantised float32 now; drop the GGUF quantiser so they save as plain tensors.
@@ -124,7 +137,6 @@ def _convert_gguf(gguf_dir: Path, spec: EmbeddedModel, folder: Path) -> None:
         if folder.exists():  # another process converted it meanwhile
             shutil.rmtree(tmp)
         else:
-            os.chmod(tmp, atomic.default_mode(0o777))  # mkdtemp's 0700 would hide the cache from other users
             os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,26 +149,27 @@ def quantisation_note(folder: str) -> str | None:
     return json.loads(source.read_text())["note"] if source.is_file() else None
 
 
-def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
+def load_tokenizer(path: str, revision: str | None = None, trust: Trust = UNTRUSTED):
     """The tokenizer of a resolved model folder (a pad token set); a broken folder is a ModelError."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust.remote_code)
     except (OSError, ValueError, KeyError, TypeError) as error:  # missing or unreadable tokenizer files
-        raise ModelError(f"cannot load the tokenizer of '{path}': {first_line(error)}") from None
+        raise ModelError(f"cannot load the tokenizer of '{path}': {_flag_hint(first_line(error))}") from None
     if tokenizer.pad_token_id is None:  # Llama-style tokenizers have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
 def load_model(
-    path: str, dtype: str, revision: str | None = None, trust_remote_code: bool = False,
+    path: str, dtype: str, revision: str | None = None, trust: Trust = UNTRUSTED,
     device: str | torch.device = "cpu", quantization=None, *, attn_implementation: str = "sdpa",
 ):
     """A causal LM from a resolved folder, built straight on `device` in `dtype` (no full CPU copy), in eval mode.
 
     `quantization`: a transformers quantization config (quantize.py); such a model is quantized as it loads.
+    Only safetensors weights load unless `trust.pickle_weights`.
     """
     from transformers import AutoModelForCausalLM
 
@@ -164,12 +177,22 @@ def load_model(
     quantized = {} if quantization is None else {"quantization_config": quantization}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtypes.TORCH[dtype], revision=revision, trust_remote_code=trust_remote_code,
+            path, dtype=dtypes.TORCH[dtype], revision=revision, trust_remote_code=trust.remote_code,
+            use_safetensors=None if trust.pickle_weights else True,
             device_map={"": torch.device(device)}, attn_implementation=attn_implementation, **quantized,
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ModelError(f"cannot load model '{path}': {first_line(error)}") from None
+        raise ModelError(f"cannot load model '{path}': {_flag_hint(first_line(error))}") from None
     return model.eval()
+
+
+def _flag_hint(message: str) -> str:
+    """transformers' message, with what the milora user types instead of its keyword argument."""
+    if "trust_remote_code" in message:
+        return f"{message} (milora: --trust-remote-code on the command line, only if you trust that code)"
+    if "safetensors" in message.lower():
+        return f"{message} (milora reads safetensors weights only; --allow-pickle-weights loads .bin files, only if you trust them)"
+    return message
 
 
 def check_attention(attn_implementation: str, dtype: str, device: str | torch.device) -> None:

@@ -8,10 +8,12 @@ checkpoint pruning replaces whole), is refused even then.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+from milora_cli import atomic
 from milora_cli.errors import OutputError
 
 # The file that marks each kind of result, in the order they are recognised (an adapter folder has a recipe.yaml too).
@@ -48,7 +50,12 @@ def refuse_inside(output: Path, flag: str, inputs: Iterable[Path | None]) -> Non
 
 
 def claim(output: Path, kind: str, flag: str, force: bool = False, inputs: Iterable[Path | None] = ()) -> None:
-    """Refuse an output `flag` that cannot hold a `kind` result; with `force`, remove another kind of result first."""
+    """Refuse an output `flag` that cannot hold a `kind` result; with `force`, remove another kind of result first.
+
+    A symbolic link is refused as the output, and inside a run or eval folder that the command writes into:
+    --force would delete what it points to, and a write would go to the file it names.
+    """
+    atomic.refuse_link(output.expanduser())
     place = output.expanduser().resolve()
     blocker = next((parent for parent in [place, *place.parents] if parent.exists() and not parent.is_dir()), None)
     if blocker is not None:
@@ -57,6 +64,8 @@ def claim(output: Path, kind: str, flag: str, force: bool = False, inputs: Itera
     holder = next((parent for parent in place.parents if kind_of(parent) == "adapter or checkpoint"), None)
     if holder is not None:
         raise OutputError(f"{flag} {output} lies inside the adapter folder {holder}, which training replaces or prunes; choose another folder")
+    if kind != "merge":  # a merge replaces its output whole, with no write into what it held
+        refuse_links(output.expanduser())
     found = kind_of(place)
     wanted = KINDS[kind]
     if found == wanted and kind != "merge":  # the same kind of result: the command resumes it or refuses it itself
@@ -69,6 +78,13 @@ def claim(output: Path, kind: str, flag: str, force: bool = False, inputs: Itera
         raise OutputError(f"{flag} {output} {what}; {hint}")
     if kind != "merge":  # a merge replaces its output in one rename once the new one is complete
         shutil.rmtree(place)
+
+
+def refuse_links(folder: Path) -> None:
+    """Refuse a folder that holds a symbolic link anywhere inside it (a downloaded run or eval folder may)."""
+    for parent, names, files in os.walk(folder):  # does not follow links to folders: they are listed in names
+        for name in [*names, *files]:
+            atomic.refuse_link(Path(parent) / name)
 
 
 def _a(kind: str) -> str:

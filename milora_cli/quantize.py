@@ -63,10 +63,10 @@ def check(quantize: Quantize, dtype: str, device_type: str, distributed: str = "
         )
 
 
-def load_model(path: str, dtype: str, quantized: Quantize, revision: str | None = None, trust_remote_code: bool = False,
+def load_model(path: str, dtype: str, quantized: Quantize, revision: str | None = None, trust: models.Trust = models.UNTRUSTED,
                device: str | torch.device = "cpu", attn_implementation: str = "sdpa"):
     """models.load_model with the base quantized as it loads (`none`: as it is)."""
-    model = models.load_model(path, dtype, revision, trust_remote_code, device, bnb_config(quantized, dtype),
+    model = models.load_model(path, dtype, revision, trust, device, bnb_config(quantized, dtype),
                               attn_implementation=attn_implementation)
     if quantized == "none":
         return model

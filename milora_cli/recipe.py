@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from milora_cli import atomic
+from milora_cli import atomic, locate
 from milora_cli.errors import RecipeError
 
 DEFAULT_SHARD_SIZE = "5GB"  # the largest weight file of a merged folder, as transformers' save_pretrained
@@ -50,10 +50,17 @@ class ModelConfig(_Section):
         description="Store the frozen base in 4 bits (nf4, fp4) or 8 bits (int8) with bitsandbytes; the factors still come "
         "from the full-precision weights. Needs `pip install milora[quant]`.",
     )
-    trust_remote_code: bool = Field(False, description="Run the model repository's own Python code (only if you trust it).")
+    trust_remote_code: bool = Field(
+        False, description="Documentation only: the repository's own code runs only with `milora train --trust-remote-code`, never from a file."
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel: sdpa (PyTorch's fused attention), eager, or flash_attention_2 (needs flash-attn, CUDA, bf16/fp16)."
     )
+
+    @field_validator("revision")
+    @classmethod
+    def _hub_revision(cls, value: str | None) -> str | None:
+        return locate.check_revision(value)
 
 
 class AdapterConfig(_Section):
@@ -163,6 +170,11 @@ class TrainConfig(_Section):
 class OutputConfig(_Section):
     dir: str = Field("out/run", min_length=1, description="Run folder: recipe.yaml, metrics.jsonl, checkpoints, the final adapter.")
     tensorboard: bool = Field(True, description="Also write TensorBoard logs when tensorboard is installed.")
+
+    @field_validator("dir")
+    @classmethod
+    def _home(cls, value: str) -> str:
+        return str(Path(value).expanduser())  # once, here: the folder checked is the folder written (not ./~/x)
 
 
 class EvalConfig(_Section):

@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
+from milora_cli import atomic
+
 LIBRARIES = ("milora", "torch", "transformers", "accelerate", "datasets", "peft", "safetensors", "pydantic", "gguf")
 
 
@@ -40,14 +42,16 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
         """A fresh file, or on resume the old one cut back to what the checkpoint at resume_step had seen."""
         self.path = run_dir / "metrics.jsonl"
+        atomic.refuse_link(self.path)  # read and emptied below: never another file's
         kept = ""
         if resume_step is not None and self.path.is_file():
             lines = [line for line in self.path.read_text(errors="replace").splitlines() if line.strip()]  # damaged lines are dropped
             kept = "".join(line + "\n" for line in lines if _step_of(line) <= resume_step)
-        self.handle = self.path.open("w")
+        self.handle = atomic.open_to_append(self.path, empty=True)
         self.handle.write(kept)
         self.board = None
         if tensorboard:
+            atomic.refuse_link(run_dir / "tensorboard")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 

@@ -53,7 +53,7 @@ def read_index(folder: Path) -> dict[str, TensorInfo]:
     tensors = {}
     for file in files:
         try:
-            with safe_open(folder / file, "pt") as handle:
+            with safe_open(model_file(folder, file), "pt") as handle:
                 for name in handle.keys():  # noqa: SIM118 - safe_open is not iterable
                     part = handle.get_slice(name)
                     if part.get_dtype() not in dtypes.SAFETENSORS:
@@ -62,6 +62,29 @@ def read_index(folder: Path) -> dict[str, TensorInfo]:
         except SafetensorError as error:
             raise ModelError(f"{folder / file} is damaged: not a readable safetensors file ({error})") from None
     return tensors
+
+
+def model_file(folder: Path, name: str) -> Path:
+    """folder/name, for a file that a model folder names (an index entry) or holds (a file merge copies).
+
+    `name` must be a plain file name, and the file, links followed, must lie inside the folder or, for a hub
+    cache snapshot, inside its repository's blobs/: huggingface_hub lays a snapshot out as relative links
+    snapshots/<commit>/<file> -> ../../blobs/<sha> (see tests/hub_cache.py). Anything else is a ModelError:
+    a downloaded folder must not make milora read (and merge publish) a file from elsewhere.
+    """
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise ModelError(f"{folder} names the file '{name}', which is not a plain file name in that folder; "
+                         "milora reads no file outside a model folder")
+    path = folder / name
+    real, inside = path.resolve(), folder.resolve()
+    roots = [inside]
+    blobs = inside.parent.parent / "blobs"
+    if inside.parent.name == "snapshots" and blobs.is_dir() and not blobs.is_symlink():
+        roots.append(blobs)
+    if not any(real.is_relative_to(root) for root in roots):
+        raise ModelError(f"{path} is a link to {real}, outside the model folder {folder}; milora reads no file outside "
+                         "a model folder: remove the link")
+    return path
 
 
 def read_tensors(tensors: dict[str, TensorInfo], names: Iterable[str]) -> Iterator[torch.Tensor]:

@@ -122,6 +122,30 @@ def init_factors(
     return svd_factors(chosen, r, scaling, "minor")  # `chosen` holds exactly r triplets
 
 
+# Cached factors pass `are_singular_pairs` when both residuals are at most this times ||W||_F |a_i|. Rounding the
+# factors to float32 moves each by at most 2^-24 relative (about 6e-8 of ||W||_2 |a_i| in the residuals); a float32
+# SVD's backward error is at most about n eps32 ||W||_2 (n = 14336, Llama-3-8B's MLP: 9e-4 ||W||_2, and
+# ||W||_2 <= ||W||_F); a float64 decomposition's is far below either. Factors that are not this weight's (another
+# weight's, random ones) leave residuals of the order of ||W a_i||: on SmolLM2-135M at least 2.8e-2 ||W||_F |a_i|,
+# where its own factors stay below 5e-7 for every driver and dtype (both measured once, to see the margin).
+FACTORS_TOLERANCE = 1e-3
+
+
+def are_singular_pairs(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> bool:
+    """True when (A0, B0) are `svd_factors` of singular triplets of `weight`: with a_i row i of A0, b_i column i of
+    B0 and S_i = s |a_i|^2, both W a_i = S_i b_i and W^T b_i = S_i a_i hold (up to FACTORS_TOLERANCE).
+
+    Costs two (out x in) @ (in x r) products in float64: little next to a decomposition.
+    """
+    W = weight.detach().to(torch.float64)  # (out, in)
+    A, B = lora_A.detach().to(W.device, torch.float64), lora_B.detach().to(W.device, torch.float64)  # (r, in), (out, r)
+    S = scaling * (A * A).sum(dim=1)  # (r,)
+    bound = FACTORS_TOLERANCE * torch.linalg.matrix_norm(W) * A.norm(dim=1)  # (r,)
+    left = (W @ A.T - B * S).norm(dim=0)  # (r,) |W a_i - S_i b_i|
+    right = (W.T @ B - A.T * S).norm(dim=0)  # (r,) |W^T b_i - S_i a_i|
+    return bool(((left <= bound) & (right <= bound)).all())
+
+
 def residual(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """W_res = W - s * B A, in the factors' precision (for analysis; training keeps W and a correction)."""
     return weight.to(lora_A.dtype) - scaling * (lora_B @ lora_A)  # (out, in)

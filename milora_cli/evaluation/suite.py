@@ -40,53 +40,55 @@ RESULTS_FILE, SUMMARY_FILE, SETTINGS_FILE = "predictions.jsonl", "summary.json",
 
 
 def run(model_or_run: str, cfg: EvalConfig, output: Path, dtype: str | None, console: Console,
-        quantized: Quantize | None = None, *, base: str | None = None, force: bool = False) -> dict[str, Any]:
-    """Load MODEL_OR_RUN and score it on cfg.tasks into `output`; returns the summary."""
+        quantized: Quantize | None = None, *, base: str | None = None, force: bool = False,
+        trust: models.Trust = models.UNTRUSTED) -> dict[str, Any]:
+    """Load MODEL_OR_RUN and score it on cfg.tasks into `output`; returns the summary. `trust`: the command line's."""
     source = Path(model_or_run).expanduser()
     outputs.claim(output, "eval", "--output", force, inputs=[source] if source.exists() else [])
     tasks.check_data(cfg.tasks, cfg.data_dir, "--data-dir")  # data first: a missing file fails before a model loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, identity = load(model_or_run, dtype, device, console, quantized, base=base)
+    model, tokenizer, identity = load(model_or_run, dtype, device, console, quantized, base=base, trust=trust)
     return evaluate_model(model, tokenizer, cfg, output, identity, console)
 
 
 def load(name: str, dtype: str | None, device: str, console: Console, quantized: Quantize | None = None,
-         *, base: str | None = None) -> tuple[Any, Any, str]:
+         *, base: str | None = None, trust: models.Trust = models.UNTRUSTED) -> tuple[Any, Any, str]:
     """(model, tokenizer, identity): a run or adapter folder is its base with the adapter injected, unmerged.
 
     A run is scored as it trained: on its base quantized as in training, unless `quantized` says otherwise.
     """
     folder = adapter_folder.find_adapter(Path(name).expanduser())
     if folder is not None:
-        return _load_run(folder, dtype, device, console, quantized, base)
+        return _load_run(folder, dtype, device, console, quantized, base, trust)
     if base is not None:
         raise EvalError(f"--base is for a run or adapter folder; {name} is a model")
-    resolved = models.resolve(name)
+    resolved = models.resolve(name, code=trust.remote_code)
     dtype, quantized = dtype or models.checkpoint_dtype(resolved), quantized or "none"  # scores comparable with the run that made it
-    tokenizer = models.load_tokenizer(resolved)  # first: the cheaper load fails faster
+    tokenizer = models.load_tokenizer(resolved, trust=trust)  # first: the cheaper load fails faster
     identity = f"{name if models.is_hub(name) else Path(resolved).resolve()} [{_storage(dtype, quantized)}]"
-    return _load_base(resolved, dtype, device, quantized), tokenizer, identity
+    return _load_base(resolved, dtype, device, quantized, trust), tokenizer, identity
 
 
 def _load_run(folder: Path, dtype: str | None, device: str, console: Console, quantized: Quantize | None,
-              base: str | None) -> tuple[Any, Any, str]:
+              base: str | None, trust: models.Trust) -> tuple[Any, Any, str]:
     found = adapter_folder.read_adapter(folder)
     meta = found.meta
-    base, _, base_folder = adapter_folder.locate_base(base, meta, download=True)
+    base, _, base_folder = adapter_folder.locate_base(base, meta, download=True, code=trust.remote_code)
+    console.print(f"base model: {base}" + ("" if str(base_folder) == base else f" ({base_folder})"))
     compute, quantized = dtype or meta["base_dtype"], quantized or meta.get("base_quantize", "none")
-    model = _load_base(str(base_folder), compute, device, quantized)
+    model = _load_base(str(base_folder), compute, device, quantized, trust)
     adapters = adapter.inject(model, meta["target_modules"], meta["r"], meta["lora_alpha"], 0.0)
     seen = models.weights_fingerprint(quantize.full_precision_weights(adapters, quantized, str(base_folder), compute))
     if dtype is None and seen != meta["base_fingerprint"]:
         console.print(f"[yellow]warning:[/] the weights of {base} differ from those the adapter was trained on")
     adapter.load_adapter_tensors(adapters, found.trained, found.initial)
     identity = f"{folder.resolve()} ({meta['init']} r={meta['r']}, step {meta.get('step')}) on {base} [{_storage(compute, quantized)}]"
-    return model.eval(), models.load_tokenizer(str(base_folder)), identity
+    return model.eval(), models.load_tokenizer(str(base_folder), trust=trust), identity
 
 
-def _load_base(path: str, dtype: str, device: str, quantized: Quantize):
+def _load_base(path: str, dtype: str, device: str, quantized: Quantize, trust: models.Trust):
     quantize.check(quantized, dtype, torch.device(device).type)
-    return quantize.load_model(path, dtype, quantized, device=device)
+    return quantize.load_model(path, dtype, quantized, trust=trust, device=device)
 
 
 def _storage(dtype: str, quantized: Quantize) -> str:
@@ -197,6 +199,7 @@ class Results:
         else:
             atomic.write_text_atomic(saved, json.dumps(settings, indent=2))
         self.path = folder / RESULTS_FILE
+        atomic.refuse_link(self.path)  # read, rewritten and appended to: never another file
         self.records = self._read()
 
     def _read(self) -> list[dict[str, Any]]:
@@ -218,7 +221,7 @@ class Results:
         return {record["id"] for record in self.records if record["task"] == task}
 
     def append(self, records: list[dict[str, Any]]) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
+        with atomic.open_to_append(self.path) as handle:
             handle.write("".join(json.dumps(record) + "\n" for record in records))
             handle.flush()
             os.fsync(handle.fileno())

@@ -36,19 +36,19 @@ class Setup:
     model_path: str
 
 
-def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO") -> Setup:
+def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO", trust: models.Trust = models.UNTRUSTED) -> Setup:
     """Load the model and tokenizer, inject adapters (not yet initialised), tokenise the data.
 
-    Everything the recipe names is checked here, before the run folder is written or a step trained.
+    Everything the recipe names is checked here, before the run folder is written or a step trained. `trust`
+    comes from the command line: the recipe's model.trust_remote_code alone runs no code.
     """
     tasks.check_data(recipe.eval.tasks, recipe.eval.data_dir, "eval.data_dir")
     train_examples, val_examples = records.load_records(recipe.data, recipe.train.seed)  # first: no model load to fail after
     cfg = recipe.model
     quantize.check(cfg.quantize, cfg.dtype, torch.device(device).type, distributed)
-    path = models.resolve(cfg.name_or_path, cfg.revision)  # a local folder: the hub's files are fetched or cached
-    tokenizer = models.load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
-    model = quantize.load_model(path, cfg.dtype, cfg.quantize, trust_remote_code=cfg.trust_remote_code, device=device,
-                                attn_implementation=cfg.attn_implementation)
+    path = models.resolve(cfg.name_or_path, cfg.revision, code=trust.remote_code)  # a local folder: fetched or cached
+    tokenizer = models.load_tokenizer(path, trust=trust)
+    model = quantize.load_model(path, cfg.dtype, cfg.quantize, trust=trust, device=device, attn_implementation=cfg.attn_implementation)
     names = adapter.find_targets(model, recipe.adapter.target_modules)
     adapters = adapter.inject(model, names, recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout)
     args = (tokenizer, recipe.data.max_length, recipe.data.train_on_prompt)
@@ -59,12 +59,12 @@ def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO") -
                  model_path=path)
 
 
-def describe(recipe: Recipe, console: Console) -> None:
+def describe(recipe: Recipe, console: Console, trust: models.Trust = models.UNTRUSTED) -> None:
     """`--dry-run`: the resolved recipe, one tokenised example with its label mask, parameter counts."""
     from rich.syntax import Syntax
 
     console.print(Syntax(dump_recipe(recipe), "yaml", theme="ansi_dark"))
-    setup = build(recipe, "cpu")
+    setup = build(recipe, "cpu", trust=trust)
     trainable, total = adapter.count_parameters(setup.model)
     console.print(data_line(recipe, setup))
     console.print("first training example (dim: prompt, no loss; [bold green]green[/]: trained tokens):")

@@ -8,8 +8,8 @@ falls about as 1/N.
 The factors of the SVD inits are cached as safetensors under cache_root()/factors/, one file per layer,
 keyed by the sha256 of the weight's bytes (with its shape and dtype), the init, r, alpha and the svd
 driver and dtype. A rerun, a resume or another run on the same weights reads them instead of
-decomposing. Files are written under a temporary name and renamed; a file that cannot be read, or
-whose key or shapes differ, is recomputed and replaced.
+decomposing. Files are written under a temporary name and renamed; a file that cannot be read, whose key
+or shapes differ, or whose factors are not singular triplets of the weight, is recomputed and replaced.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from milora_cli import adapter, atomic, models
+from milora_cli import adapter, atomic, models, svd
 from milora_cli.recipe import AdapterConfig
 
 FORMAT = "milora-factors/1"
@@ -58,8 +58,10 @@ def cache_key(layer: adapter.MiloraLinear, cfg: AdapterConfig, weight: torch.Ten
     return f"{FORMAT}|{digest}|init={cfg.init}|r={layer.r}|alpha={layer.lora_alpha}|{cfg.svd_driver}|{cfg.svd_dtype}"
 
 
-def read_cached(path: Path, key: str, layer: adapter.MiloraLinear) -> Factors | None:
-    """The cached factors of `key`, or None when absent, unreadable or not what this layer needs."""
+def read_cached(path: Path, key: str, layer: adapter.MiloraLinear, weight: torch.Tensor) -> Factors | None:
+    """The cached factors of `key`, or None when absent, unreadable, not what this layer needs, or not singular
+    triplets of `weight`: the key holds the weight's sha256, but anyone who can write to a shared cache can
+    write a file under that key (svd.are_singular_pairs)."""
     if not path.is_file():
         return None
     try:
@@ -72,6 +74,8 @@ def read_cached(path: Path, key: str, layer: adapter.MiloraLinear) -> Factors | 
     if stored_key != key or lora_A is None or lora_B is None:
         return None
     if lora_A.shape != layer.lora_A0.shape or lora_B.shape != layer.lora_B0.shape:
+        return None
+    if not svd.are_singular_pairs(weight, lora_A, lora_B, layer.scaling):
         return None
     return lora_A, lora_B
 
@@ -87,7 +91,7 @@ def _own_factors(layer: adapter.MiloraLinear, cfg: AdapterConfig, use_cache: boo
     if use_cache:
         key = cache_key(layer, cfg, weight)
         path = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.safetensors"
-        cached = read_cached(path, key, layer)
+        cached = read_cached(path, key, layer, weight)
         if cached is not None:
             return cached, True
     lora_A, lora_B = adapter.initial_factors(layer, cfg.init, cfg.svd_dtype, cfg.svd_driver, weight=weight)

@@ -56,8 +56,7 @@ class RunDir:
         differ = _differences(atomic.read_text(saved, RecipeError), self.recipe_yaml)
         if differ:
             raise RecipeError(
-                f"output.dir {self.path} holds a run of a different recipe ({differ}); "
-                f"choose another output.dir (or resume with its own {saved})"
+                f"output.dir {self.path} holds a run of a different recipe ({differ}); choose another output.dir"
             )
         if (self.path / "adapter" / adapter_folder.META_FILE).is_file():
             console.print(f"{self.path} already holds this run, complete; to train it again, add output.dir=NEW_DIR")
@@ -67,8 +66,10 @@ class RunDir:
             if resume and not found:
                 raise RecipeError(f"--resume: {self.path} holds no checkpoint yet (train.save_every writes them, and Ctrl-C)")
             return found or None
-        named = Path(resume).resolve()
-        if named not in {path.resolve() for path in found}:
+        # the run's own entry, not the resolved path: a link named by --resume must not make another run's folder
+        # the one whose later checkpoints are deleted
+        named = next((path for path in found if path.resolve() == Path(resume).resolve()), None)
+        if named is None:
             have = ", ".join(path.name for path in found) or "none"
             raise RecipeError(f"--resume: {resume} is not a checkpoint of {self.path} (its checkpoints: {have})")
         return [named]

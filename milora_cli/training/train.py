@@ -21,6 +21,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 
 from milora_cli.data import tokens
+from milora_cli.models import UNTRUSTED, Trust
 from milora_cli.errors import RecipeError
 from milora_cli.ranks import Ranks
 from milora_cli.recipe import Recipe, dump_recipe
@@ -58,11 +59,11 @@ class Loop:
     best: float = math.inf
 
 
-def train(recipe: Recipe, console: Console | None = None, resume_at: str | None = None) -> dict[str, Any]:
+def train(recipe: Recipe, console: Console | None = None, resume_at: str | None = None, trust: Trust = UNTRUSTED) -> dict[str, Any]:
     """Run the recipe's training; returns a summary (steps, losses, held-out scores, paths).
 
     `resume_at`: run_dir.LATEST or a checkpoint folder (`--resume`); None resumes an existing run folder
-    from its latest checkpoint if it has one, and starts otherwise.
+    from its latest checkpoint if it has one, and starts otherwise. `trust`: what the command line allows (build).
     """
     accelerator = _accelerator(recipe.train.mixed_precision, recipe.model.dtype)
     ranks = Ranks.of(accelerator)
@@ -75,7 +76,7 @@ def train(recipe: Recipe, console: Console | None = None, resume_at: str | None 
         return {"complete": True, "run_dir": str(run.path)}
     set_seed(recipe.train.seed)
     # 2. model, adapters, data, initial factors; a fresh run folder is written only once they load
-    setup = build(recipe, accelerator.device, accelerator.distributed_type.value)
+    setup = build(recipe, accelerator.device, accelerator.distributed_type.value, trust)
     if resume_from is None:
         run.start()
     console.print(data_line(recipe, setup))
