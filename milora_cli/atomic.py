@@ -8,9 +8,10 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save
@@ -62,21 +63,20 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def _new_file(folder: Path, prefix: str) -> tuple[int, Path]:
     """A new file of a random name in `folder`, open for writing, with the permissions open() gives (0666 less
     the umask; mkstemp's 0600 would make it private to its writer, and reading the umask would change it)."""
-    while True:
-        tmp = folder / f"{prefix}{secrets.token_hex(4)}"
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666), tmp
-        except FileExistsError:
-            continue
+    return _fresh(folder, prefix, lambda tmp: os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666))
 
 
 def new_folder(parent: Path, prefix: str) -> Path:
     """A new folder of a random name in `parent`, with the permissions mkdir() gives (0777 less the umask)."""
+    return _fresh(parent, prefix, Path.mkdir)[1]
+
+
+def _fresh(parent: Path, prefix: str, make: Callable[[Path], Any]) -> tuple[Any, Path]:
+    """(make(path), path) for a new random name in `parent`; a name already taken is drawn again."""
     while True:
-        tmp = parent / f"{prefix}{secrets.token_hex(4)}"
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
         try:
-            tmp.mkdir()
-            return tmp
+            return make(path), path
         except FileExistsError:
             continue
 

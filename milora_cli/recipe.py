@@ -50,9 +50,7 @@ class ModelConfig(_Section):
         description="Store the frozen base in 4 bits (nf4, fp4) or 8 bits (int8) with bitsandbytes; the factors still come "
         "from the full-precision weights. Needs `pip install milora[quant]`.",
     )
-    trust_remote_code: bool = Field(
-        False, description="Documentation only: the repository's own code runs only with `milora train --trust-remote-code`, never from a file."
-    )
+    trust_remote_code: bool = Field(False, description="Documentation only: the repository's code runs only with `--trust-remote-code`.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel: sdpa (PyTorch's fused attention), eager, or flash_attention_2 (needs flash-attn, CUDA, bf16/fp16)."
     )

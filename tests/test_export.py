@@ -180,7 +180,7 @@ def synthetic_adapter(root: Path, n_layers: int = 24, size: int = 2048, r: int =
     trained, initial = factors(), factors()
     meta = {"init": "milora", "r": r, "lora_alpha": r, "scaling": 1.0, "lora_dropout": 0.0, "target_modules": layers,
             "base_model": str(base), "base_model_path": str(base), "revision": None, "base_dtype": "fp32",
-            "base_fingerprint": "unknown", "versions": {}}
+            "base_fingerprint": models.weights_fingerprint({layer: weights[f"{layer}.weight"] for layer in layers}), "versions": {}}
     (root / "adapter").mkdir()
     adapter_folder.write_adapter(root / "adapter", trained, initial, meta, "")
     def product(factors: dict[str, torch.Tensor], layer: str) -> torch.Tensor:

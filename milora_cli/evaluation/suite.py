@@ -39,9 +39,8 @@ from milora_cli.runlog import bar_columns
 RESULTS_FILE, SUMMARY_FILE, SETTINGS_FILE = "predictions.jsonl", "summary.json", "settings.json"
 
 
-def run(model_or_run: str, cfg: EvalConfig, output: Path, dtype: str | None, console: Console,
-        quantized: Quantize | None = None, *, base: str | None = None, force: bool = False,
-        trust: models.Trust = models.UNTRUSTED) -> dict[str, Any]:
+def run(model_or_run: str, cfg: EvalConfig, output: Path, dtype: str | None, console: Console, quantized: Quantize | None = None,
+        *, base: str | None = None, force: bool = False, trust: models.Trust = models.UNTRUSTED) -> dict[str, Any]:
     """Load MODEL_OR_RUN and score it on cfg.tasks into `output`; returns the summary. `trust`: the command line's."""
     source = Path(model_or_run).expanduser()
     outputs.claim(output, "eval", "--output", force, inputs=[source] if source.exists() else [])
@@ -71,8 +70,7 @@ def load(name: str, dtype: str | None, device: str, console: Console, quantized:
 
 def _load_run(folder: Path, dtype: str | None, device: str, console: Console, quantized: Quantize | None,
               base: str | None, trust: models.Trust) -> tuple[Any, Any, str]:
-    found = adapter_folder.read_adapter(folder)
-    meta = found.meta
+    meta = (found := adapter_folder.read_adapter(folder)).meta
     base, _, base_folder = adapter_folder.locate_base(base, meta, download=True, code=trust.remote_code)
     console.print(f"base model: {base}" + ("" if str(base_folder) == base else f" ({base_folder})"))
     compute, quantized = dtype or meta["base_dtype"], quantized or meta.get("base_quantize", "none")
@@ -199,7 +197,6 @@ class Results:
         else:
             atomic.write_text_atomic(saved, json.dumps(settings, indent=2))
         self.path = folder / RESULTS_FILE
-        atomic.refuse_link(self.path)  # read, rewritten and appended to: never another file
         self.records = self._read()
 
     def _read(self) -> list[dict[str, Any]]:
