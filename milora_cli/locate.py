@@ -38,18 +38,18 @@ def fetch_command(repo_id: str, repo_type: RepoType) -> str:
 def hub_snapshot(repo_id: str, repo_type: RepoType, revision: str | None = None, patterns: list[str] | None = None) -> Path:
     """The local snapshot folder of a hub repository: downloaded (only `patterns`) or, offline, from the cache."""
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, IncompleteSnapshotError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         folder = snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=patterns,
                                    etag_timeout=ETAG_TIMEOUT_S)
-    except IncompleteSnapshotError:  # the cached listing names files the snapshot lacks: fetched in part only
-        raise HubError(
-            f"{repo_type} '{repo_id}'{_at(revision)} is only partly in the local Hugging Face cache ({constants.HF_HUB_CACHE}): "
-            f"it lacks {', '.join(patterns or ['some files'])}, and {_why_offline(constants)}: fetch them once online with "
-            f"`{fetch_command(repo_id, repo_type)}{''.join(f' --include {p}' for p in patterns or [])}`"
-        ) from None
-    except LocalEntryNotFoundError:  # offline (or unreachable) and not in the cache
+    except LocalEntryNotFoundError:  # offline (or unreachable) and not in the cache, or only part of it
+        if _snapshot_cached(repo_id, repo_type, revision, constants):
+            raise HubError(
+                f"{repo_type} '{repo_id}'{_at(revision)} is only partly in the local Hugging Face cache ({constants.HF_HUB_CACHE}): "
+                f"it lacks some of {', '.join(patterns or ['its files'])}, and {_why_offline(constants)}: fetch them once online "
+                f"with `{fetch_command(repo_id, repo_type)}{''.join(f' --include {p}' for p in patterns or [])}`"
+            ) from None
         raise HubError(
             f"{repo_type} '{repo_id}'{_at(revision)} is not a local path and not in the local Hugging Face cache "
             f"({constants.HF_HUB_CACHE}), and {_why_offline(constants)}: fetch it once online with `{fetch_command(repo_id, repo_type)}` "
@@ -75,6 +75,16 @@ def hub_files(repo_id: str, repo_type: RepoType, revision: str | None = None) ->
         return folder, [file.path for file in get_cached_repo_tree(repo_id, repo_type=repo_type, revision=folder.name)]
     except CachedRepoTreeNotFoundError:
         return folder, sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _snapshot_cached(repo_id: str, repo_type: RepoType, revision: str | None, constants: Any) -> bool:
+    """Whether the cache holds a snapshot of the repository at `revision` (a commit, or a ref it recorded)."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    ref = storage / "refs" / (revision or "main")
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    return commit is not None and (storage / "snapshots" / commit).is_dir()
 
 
 def _why_offline(constants: Any) -> str:
