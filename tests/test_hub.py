@@ -23,6 +23,12 @@ def parquet(rows: list[dict]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def wikitext_rows(lines: list[str]) -> list[dict]:
+    """The rows of Salesforce/wikitext's parquet files: the lines of the text, a blank one as "" (the wikitext
+    loading script they were made by: `yield idx, {"text": row} if row.strip() else {"text": ""}`)."""
+    return [{"text": line if line.strip() else ""} for line in lines]
+
+
 def jsonl(path: Path, n: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()[:n]]
 
@@ -39,7 +45,7 @@ def hf_home(tmp_path_factory, tiny_model_dir, shared_data) -> Path:
              {"main/test-00000-of-00001.parquet": parquet(jsonl(shared_data / "math/gsm8k_test.jsonl", 50))})
     lines = (shared_data / "wikitext2/test.txt").read_text().splitlines(keepends=True)[:200]
     add_repo(home, "Salesforce/wikitext", "dataset",
-             {"wikitext-2-v1/test-00000-of-00001.parquet": parquet([{"text": line} for line in lines])})
+             {"wikitext-2-v1/test-00000-of-00001.parquet": parquet(wikitext_rows(lines))})
     return home
 
 

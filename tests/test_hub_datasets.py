@@ -6,6 +6,7 @@ file, huggingface_hub would refuse offline that the snapshot is incomplete, so e
 that nothing else was fetched."""
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -221,3 +222,31 @@ def test_globs_follow_the_hub():
     assert hub.glob_match("**/train[-._ 0-9]*", "a/b/train-1.json") and not hub.glob_match("**/train[-._ 0-9]*", "a/training.json")
     assert hub.convention_splits(["data/train.json", "data/test.json", "dev/x.json"]) == {
         "validation": [p.format(kw=kw) for kw in hub.SPLIT_KEYWORDS["validation"] for p in hub._IN_FOLDER]}
+
+
+def test_wikitext_from_the_hub_is_the_data_dir_text(offline_cache, shared_data):
+    """The whole WikiText-2 test text, as --data-dir holds it and as Salesforce/wikitext's rows hold it."""
+    from test_hub import wikitext_rows
+
+    from milora_cli.evaluation import tasks
+
+    text = (shared_data / "wikitext2/test.txt").read_text(encoding="utf-8")
+    rows = wikitext_rows(text.splitlines(keepends=True))
+    assert len(rows) == 4358 and sum(row["text"] == "" for row in rows) == 1467  # the card's num_examples for test
+    add_repo(offline_cache, "Salesforce/wikitext", "dataset",
+             {"README.md": WIKITEXT_CARD.encode(), "wikitext-2-v1/test-00000-of-00001.parquet": parquet(rows)})
+    task = tasks.TASKS["wikitext"]
+    assert tasks.load_text(task, None) == tasks.load_text(task, str(shared_data)) == text
+
+
+def test_train_refuses_an_ambiguous_hub_dataset_in_one_line(tmp_path, tiny_model_dir):
+    from helpers import milora
+
+    add_repo(tmp_path, "openai/gsm8k", "dataset", gsm8k_files(), listed=True)
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = milora("train", "recipes/quickstart.yaml", f"model.name_or_path={tiny_model_dir}", "data.builtin=null",
+                    "data.path=openai/gsm8k", f"output.dir={tmp_path / 'run'}", env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "main: train, test; socratic: train, test" in lines[0] and "set data.config" in lines[0]
+    assert not (tmp_path / "run").exists()

@@ -130,9 +130,11 @@ def check_data(names: list[str], data_dir: str | None, flag: str) -> None:
 
 
 def load_text(task: Task, data_dir: str | None) -> str:
-    """The whole text of a perplexity task: a .txt file, or the `text` rows of hub parquet files."""
+    """The whole text of a perplexity task: a .txt file, or the `text` rows of hub parquet files, which are
+    the file's lines with each blank line as "" (the wikitext loading script the hub's parquet was made by
+    yields `row if row.strip() else ""`; every blank line of WikiText-2's files is " \n")."""
     files = data_files(task, data_dir)
-    return "".join(atomic.read_text(file, EvalError) if file.suffix == ".txt" else "".join(row["text"] for row in _read(file))
+    return "".join(atomic.read_text(file, EvalError) if file.suffix == ".txt" else "".join(row["text"] or " \n" for row in _read(file))
                    for file in files)
 
 
