@@ -221,12 +221,10 @@ class Source:
         if not locate.is_local(self.path):
             if self.split is None:
                 raise DataError(f"data.validation_path '{self.path}' is a hub dataset: name its split with data.validation_split")
-            return [record for file in hub.split_files(self.path, self.config, self.split, self.revision)
-                    for record in read_file(file)]
-        file = Path(self.path).expanduser()
-        if not file.is_file():
+            return [record for file in hub.split_files(self.path, self.config, self.split, self.revision) for record in read_file(file)]
+        if not Path(self.path).expanduser().is_file():
             raise DataError(f"data file not found: {self.path}")
-        return read_file(file)
+        return read_file(Path(self.path).expanduser())
 
 
 def _read_examples(source: Source, fmt: str) -> list[Example]:
@@ -240,19 +238,14 @@ def _read_examples(source: Source, fmt: str) -> list[Example]:
 
 def _sources(cfg: Any) -> tuple[Source, Source | None]:
     """(training source, validation source or None) of a data section; hub-only keys on a local path are refused."""
-    if locate.is_local(cfg.path):
-        named = [f"data.{key}" for key in ("config", "revision") if getattr(cfg, key) is not None]
-        named += ["data.validation_split"] if cfg.validation_split is not None and cfg.validation_path is None else []
-        if named:
-            raise DataError(f"{' and '.join(named)} name a part of a hub dataset, but data.path '{cfg.path}' is a local "
-                            "file; remove them or set data.path to a hub dataset id")
-        train = Source(cfg.path)
-    else:
-        train = Source(cfg.path, cfg.split, cfg.config, cfg.revision)
-    if cfg.validation_path is not None:
-        return train, Source(cfg.validation_path, cfg.validation_split)
-    if cfg.validation_split is None:
-        return train, None
+    named = [f"data.{key}" for key in ("config", "revision", "validation_split") if getattr(cfg, key) is not None
+             and (key != "validation_split" or cfg.validation_path is None)]
+    if locate.is_local(cfg.path) and named:
+        raise DataError(f"{' and '.join(named)} name a part of a hub dataset, but data.path '{cfg.path}' is a local "
+                        "file; remove them or set data.path to a hub dataset id")
+    train = Source(cfg.path, cfg.split, cfg.config, cfg.revision)
+    if cfg.validation_path is not None or cfg.validation_split is None:
+        return train, None if cfg.validation_path is None else Source(cfg.validation_path, cfg.validation_split)
     if cfg.validation_split == cfg.split:
         raise DataError(f"data.validation_split '{cfg.split}' is the training split: validation would score examples "
                         "trained on; name another split (e.g. validation or test)")
