@@ -250,3 +250,22 @@ def test_train_refuses_an_ambiguous_hub_dataset_in_one_line(tmp_path, tiny_model
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "main: train, test; socratic: train, test" in lines[0] and "set data.config" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_configs_and_splits_without_card_configs():
+    """datasets' conventions (data_files.py) for a card without configs, and a card's other data_files forms."""
+    assert hub.convention_splits(["train/a.json", "train/b.json", "test/c.json"]) == {  # folders named for a split
+        split: [p.format(kw=kw) for kw in hub.SPLIT_KEYWORDS[split] for p in hub._IN_FOLDER] for split in ("train", "test")}
+    [default] = hub.convention_configs(["train/a.json", "test/c.json"])  # split folders are not configs
+    assert default.name == "default" and hub.choose("org/x", ["train/a.json", "test/c.json"], None, None, "test") == ["test/c.json"]
+    gsm8k = [f"{c}/{s}-00000-of-00001.parquet" for c in ("main", "socratic") for s in ("train", "test")]
+    assert [c.name for c in hub.convention_configs(gsm8k)] == ["main", "socratic"]  # without its card: still never mixed
+    assert hub.choose("openai/gsm8k", gsm8k, None, "socratic", "test") == ["socratic/test-00000-of-00001.parquet"]
+    card = ("---\nconfigs:\n- config_name: all\n  data_files: [\"*.jsonl\"]\n- config_name: nested\n  data_dir: sub\n"
+            "  default: true\n---\n")
+    files = ["a.jsonl", "b.jsonl", "sub/train.json", "sub/validation.json"]
+    configs = hub.card_configs(card, "org/x", files)
+    assert hub.choose("org/x", files, configs, "all", "train") == ["a.jsonl", "b.jsonl"]
+    assert hub.choose("org/x", files, configs, None, "validation") == ["sub/validation.json"]
+    with pytest.raises(DataError, match="its card's `configs:` must be a list of mappings with a config_name"):
+        hub.card_configs("---\nconfigs:\n- data_files: x\n---\n", "org/x", files)

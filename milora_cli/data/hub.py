@@ -6,9 +6,10 @@
    Without them, one config, "default", whose splits follow the file-naming conventions of `datasets`
    (datasets/data_files.py): `data/{split}-00000-of-00001*.*` shards, then folders named for a split
    (train/, validation/, test/ and their synonyms), then file names holding one, else every file is train.
-   One rule is milora's own, so that a split never silently mixes configs: a repository without card
-   configs whose data files all lie in two or more top-level folders (the hub's own parquet export
-   lays configs out as {config}/{split}-*.parquet) has one config per folder, each resolved as above.
+   One rule is milora's own, so that a split never silently mixes configs: in a repository without card
+   configs whose data files all lie in top-level folders, where a split would take files of several
+   (main/train-* and socratic/train-*: the hub's own parquet export lays configs out as
+   {config}/{split}-*.parquet), each folder is a config, resolved as above.
 3. The config: data.config, else the card's default (the only config, the one named "default", or the
    one marked `default: true`); several and no default is an error listing them.
 4. The split's files: its globs matched against the listing with the hub's rules (`*` stops at "/",
@@ -124,10 +125,13 @@ def _card_splits(entry: dict[str, Any], repo_id: str, listing: list[str]) -> dic
 
 
 def convention_configs(files: list[str]) -> list[Config]:
-    """Configs of a repository whose card names none: "default", or one per top-level folder (module docstring)."""
+    """Configs of a repository whose card names none: "default", or, where the data files all lie in
+    top-level folders and a split of the conventions would take files of several, one per folder."""
+    splits = convention_splits(files)
     folders = sorted({f.split("/", 1)[0] for f in files})
-    if len(folders) < 2 or any("/" not in f for f in files):
-        return [Config("default", convention_splits(files), True)]
+    mixed = any(len({f.split("/", 1)[0] for f in files if any(glob_match(g, f) for g in globs)}) > 1 for globs in splits.values())
+    if not mixed or any("/" not in f for f in files):
+        return [Config("default", splits, True)]
     return [Config(folder, {split: [f"{folder}/{p}" for p in patterns]
                             for split, patterns in convention_splits([f.split("/", 1)[1] for f in files if f.startswith(f"{folder}/")]).items()},
                    False) for folder in folders]
