@@ -18,8 +18,9 @@ from milora_cli.data.records import load_records
 from milora_cli.errors import DataError, HubError
 from test_data import make_cfg
 
-# openai/gsm8k's card, front-matter as on the hub (huggingface.co/datasets/openai/gsm8k README.md; configs
-# as stored in the public index); its files main/ and socratic/ {train,test}-00000-of-00001.parquet (issue 19).
+# openai/gsm8k's card, front-matter as on the hub (huggingface.co/datasets/openai/gsm8k README.md, as stored in
+# the public index; its dataset_info and prose cut); its files main/ and socratic/ {train,test}-00000-of-00001.parquet
+# (issue 19; main/train-00000-of-00001.parquet at revision 740312add88f781978c0658806c59bc2815b9866 in users' fetch lists).
 GSM8K_CARD = """---
 pretty_name: Grade School Math 8K
 tags:
@@ -42,7 +43,10 @@ configs:
 # Dataset Card for GSM8K
 """
 WIKITEXT_CONFIGS = ["wikitext-103-raw-v1", "wikitext-103-v1", "wikitext-2-raw-v1", "wikitext-2-v1"]
-# Salesforce/wikitext's card: one config per folder, each with test/train/validation globs (README.md on the hub).
+# Salesforce/wikitext's card: one config per folder, each with test/train/validation globs (its README.md as stored
+# in the public index); files {config}/test-00000-of-00001.parquet, validation-00000-of-00001.parquet and train, two
+# shards for wikitext-103 (train-00000-of-00002.parquet, train-00001-of-00002.parquet) at revision b08601e0 (users'
+# fetch lists and a datasets download_checksums record).
 WIKITEXT_CARD = "---\npretty_name: WikiText\nconfigs:\n" + "".join(
     f"- config_name: {c}\n  data_files:\n" + "".join(f"  - split: {s}\n    path: {c}/{s}-*\n" for s in ("test", "train", "validation"))
     for c in WIKITEXT_CONFIGS) + "---\n\n# Dataset Card for \"wikitext\"\n"
