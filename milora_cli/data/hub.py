@@ -4,7 +4,7 @@
 2. Its configs: the card's YAML `configs:` when present (config_name, data_files as a glob, a list of
    globs, or a list of {split, path}, data_dir, `default: true`; the hub's "datasets-manual-configuration").
    Without them, one config, "default", whose splits follow the file-naming conventions of `datasets`
-   (datasets/data_files.py): `data/{split}-00000-of-00001*.*` shards, then folders named for a split
+   (datasets/data_files.py): `data/{split}-NNNNN-of-NNNNN*.*` shards, then folders named for a split
    (train/, validation/, test/ and their synonyms), then file names holding one, else every file is train.
    One rule is milora's own, so that a split never silently mixes configs: in a repository without card
    configs whose data files all lie in top-level folders, where a split would take files of several
@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from milora_cli import locate
+from milora_cli import atomic, locate
 from milora_cli.errors import DataError
 
 # datasets/data_files.py: the split names the conventions know, each with its synonyms, in this order.
@@ -58,7 +58,7 @@ def split_files(repo_id: str, config: str | None, split: str, revision: str | No
     folder, listing = locate.hub_files(repo_id, "dataset", revision)
     card = folder / "README.md"
     files = data_files(listing)
-    configs = card_configs(card.read_text(encoding="utf-8"), repo_id, files) if card.is_file() else None
+    configs = card_configs(atomic.read_text(card, DataError), repo_id, files) if card.is_file() else None
     chosen = choose(repo_id, files, configs, config, split)
     folder = locate.hub_snapshot(repo_id, "dataset", folder.name, patterns=chosen)  # folder.name: the commit
     return [folder / path for path in chosen]
