@@ -8,94 +8,16 @@ that nothing else was fetched."""
 import json
 import os
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from hub_cache import add_repo
+from hub_repos import (ALPACA_CARD, ALPACA_FILE, GITATTRIBUTES, GSM8K_CARD, METAMATH_CARD, ULTRACHAT_CARD, ULTRACHAT_FILES,
+                       WIKITEXT_CARD, WIKITEXT_CONFIGS, parquet, wikitext_rows)
 from milora_cli.data import hub
 from milora_cli.data.records import load_records
 from milora_cli.errors import DataError, HubError
 from test_data import make_cfg
-
-# openai/gsm8k's card, front-matter as on the hub (huggingface.co/datasets/openai/gsm8k README.md, as stored in
-# the public index; its dataset_info and prose cut); its files main/ and socratic/ {train,test}-00000-of-00001.parquet
-# (issue 19; main/train-00000-of-00001.parquet at revision 740312add88f781978c0658806c59bc2815b9866 in users' fetch lists).
-GSM8K_CARD = """---
-pretty_name: Grade School Math 8K
-tags:
-- math-word-problems
-configs:
-- config_name: main
-  data_files:
-  - split: train
-    path: main/train-*
-  - split: test
-    path: main/test-*
-- config_name: socratic
-  data_files:
-  - split: train
-    path: socratic/train-*
-  - split: test
-    path: socratic/test-*
----
-
-# Dataset Card for GSM8K
-"""
-WIKITEXT_CONFIGS = ["wikitext-103-raw-v1", "wikitext-103-v1", "wikitext-2-raw-v1", "wikitext-2-v1"]
-# Salesforce/wikitext's card: one config per folder, each with test/train/validation globs (its README.md as stored
-# in the public index); files {config}/test-00000-of-00001.parquet, validation-00000-of-00001.parquet and train, two
-# shards for wikitext-103 (train-00000-of-00002.parquet, train-00001-of-00002.parquet) at revision b08601e0 (users'
-# fetch lists and a datasets download_checksums record).
-WIKITEXT_CARD = "---\npretty_name: WikiText\nconfigs:\n" + "".join(
-    f"- config_name: {c}\n  data_files:\n" + "".join(f"  - split: {s}\n    path: {c}/{s}-*\n" for s in ("test", "train", "validation"))
-    for c in WIKITEXT_CONFIGS) + "---\n\n# Dataset Card for \"wikitext\"\n"
-# HuggingFaceH4/ultrachat_200k's card (huggingface.co/datasets/HuggingFaceH4/ultrachat_200k/blob/main/README.md,
-# commit f8e46c0) and its data files at revision 8049631c (file names as listed by users of that revision).
-ULTRACHAT_CARD = """---
-language:
-- en
-license: mit
-pretty_name: UltraChat 200k
-configs:
-- config_name: default
-  data_files:
-  - split: train_sft
-    path: data/train_sft-*
-  - split: test_sft
-    path: data/test_sft-*
-  - split: train_gen
-    path: data/train_gen-*
-  - split: test_gen
-    path: data/test_gen-*
----
-
-# Dataset Card for UltraChat 200k
-"""
-ULTRACHAT_FILES = {
-    "train_sft": ["data/train_sft-00000-of-00003-a3ecf92756993583.parquet", "data/train_sft-00001-of-00003-0a1804bcb6ae68c6.parquet",
-                  "data/train_sft-00002-of-00003-ee46ed25cfae92c6.parquet"],
-    "test_sft": ["data/test_sft-00000-of-00001-f7dfac4afe5b93f4.parquet"],
-    "train_gen": ["data/train_gen-00000-of-00003-a6c9fb894be3e50b.parquet", "data/train_gen-00001-of-00003-d6a0402e417f35ca.parquet",
-                  "data/train_gen-00002-of-00003-c0db75b92a2f48fd.parquet"],
-    "test_gen": ["data/test_gen-00000-of-00001-3d4cd8309148a71f.parquet"],
-}
-# tatsu-lab/alpaca's card has no configs (huggingface.co/datasets/tatsu-lab/alpaca/blob/79f611d/README.md): its one
-# file, data/train-00000-of-00001-a09b74b3ef9c3b56.parquet, is the train split by the sharded-name convention.
-ALPACA_CARD = ("---\nlicense: cc-by-4.0\nlanguage:\n- en\ntags:\n- instruction-finetuning\npretty_name: Alpaca\n"
-               "task_categories:\n- text-generation\n---\n# Dataset Card for Alpaca\n")
-ALPACA_FILE = "data/train-00000-of-00001-a09b74b3ef9c3b56.parquet"
-# meta-math/MetaMathQA's card has no configs either (its README.md front-matter: tags, license); its one data
-# file, MetaMathQA-395K.json (a JSON list of query/response/type/original_question), is the train split.
-METAMATH_CARD = "---\ntags:\n- math\n- math-qa\nlicense: mit\n---\n\nView the project page:\nhttps://meta-math.github.io/\n"
-GITATTRIBUTES = b"*.parquet filter=lfs diff=lfs merge=lfs -text\n"
-
-
-def parquet(rows: list[dict]) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows), sink)
-    return sink.getvalue().to_pybytes()
-
 
 def gsm8k_rows(config: str, split: str, n: int = 3) -> list[dict]:
     return [{"question": f"{config} {split} question {i}?", "answer": f"{config} {split} step {i}.\n#### {i}"} for i in range(n)]
@@ -230,8 +152,6 @@ def test_globs_follow_the_hub():
 
 def test_wikitext_from_the_hub_is_the_data_dir_text(offline_cache, shared_data):
     """The whole WikiText-2 test text, as --data-dir holds it and as Salesforce/wikitext's rows hold it."""
-    from test_hub import wikitext_rows
-
     from milora_cli.evaluation import tasks
 
     text = (shared_data / "wikitext2/test.txt").read_text(encoding="utf-8")
