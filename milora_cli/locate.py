@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from milora_cli.errors import HubError, first_line
 
@@ -60,16 +60,52 @@ def hub_snapshot(repo_id: str, repo_type: RepoType, revision: str | None = None,
     try:
         folder = snapshot_download(repo_id, repo_type=repo_type, revision=revision, allow_patterns=patterns,
                                    etag_timeout=ETAG_TIMEOUT_S)
-    except LocalEntryNotFoundError:  # offline (or unreachable) and not in the cache
-        offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+    except LocalEntryNotFoundError:  # offline (or unreachable) and not in the cache, or only part of it
+        if _snapshot_cached(repo_id, repo_type, revision, constants):
+            raise HubError(
+                f"{repo_type} '{repo_id}'{_at(revision)} is only partly in the local Hugging Face cache ({constants.HF_HUB_CACHE}): "
+                f"it lacks some of {', '.join(patterns or ['its files'])}, and {_why_offline(constants)}: fetch them once online "
+                f"with `{fetch_command(repo_id, repo_type)}{''.join(f' --include {p}' for p in patterns or [])}`"
+            ) from None
         raise HubError(
             f"{repo_type} '{repo_id}'{_at(revision)} is not a local path and not in the local Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}), and {offline}: fetch it once online with `{fetch_command(repo_id, repo_type)}` "
+            f"({constants.HF_HUB_CACHE}), and {_why_offline(constants)}: fetch it once online with `{fetch_command(repo_id, repo_type)}` "
             f"(or `huggingface-cli download`), or pass a local path"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as error:  # unknown repo, gated, bad revision
         raise HubError(f"cannot fetch hub {repo_type} '{repo_id}'{_at(revision)}: {first_line(error)}") from None
     return Path(folder)
+
+
+def hub_files(repo_id: str, repo_type: RepoType, revision: str | None = None) -> tuple[Path, list[str]]:
+    """(snapshot folder, every file of the repository) at `revision`, fetching no file but README.md.
+
+    The listing is the one huggingface_hub keeps beside its cache (trees/<commit>.json, written when it
+    lists a repository online), so offline it is the repository's whole listing too; a cache written
+    without one (older huggingface_hub) is listed by what its snapshot holds.
+    """
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    folder = hub_snapshot(repo_id, repo_type, revision, patterns=["README.md"])
+    try:  # the snapshot folder is named by its commit, which keys the listing
+        return folder, [file.path for file in get_cached_repo_tree(repo_id, repo_type=repo_type, revision=folder.name)]
+    except CachedRepoTreeNotFoundError:
+        return folder, sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _snapshot_cached(repo_id: str, repo_type: RepoType, revision: str | None, constants: Any) -> bool:
+    """Whether the cache holds a snapshot of the repository at `revision` (a commit, or a ref it recorded)."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    storage = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    ref = storage / "refs" / (revision or "main")
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    return commit is not None and (storage / "snapshots" / commit).is_dir()
+
+
+def _why_offline(constants: Any) -> str:
+    return "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
 
 
 def _at(revision: str | None) -> str:

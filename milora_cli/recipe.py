@@ -110,9 +110,14 @@ class DataConfig(_Section):
     format: Literal["auto", "llm_adapters", "alpaca", "gsm8k", "metamath"] = Field(
         "auto", description="Record layout; auto detects it from the first record's keys."
     )
-    split: str = Field("train", description="Split of a hub dataset.")
+    config: str | None = Field(None, description="Config (subset) of a hub dataset, as its card names it; null: its default.")
+    split: str = Field("train", description="Split of a hub dataset's config that is trained on (its card's split names).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub dataset.")
+    validation_split: str | None = Field(
+        None, description="Validate on this split (e.g. validation or test) of the same hub dataset and config, or of a hub validation_path."
+    )
     validation_path: str | None = Field(None, description="Separate validation data (file or hub id); else held out from `path`.")
-    val_size: int = Field(120, ge=0, description="Examples held out for validation when there is no validation_path.")
+    val_size: int = Field(120, ge=0, description="Examples held out for validation without validation_path or validation_split.")
     max_length: int = Field(256, ge=8, description="Tokens per example; longer ones are truncated and counted.")
     train_on_prompt: bool = Field(False, description="Also compute the loss on the prompt (default: response only).")
     max_examples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
@@ -127,6 +132,9 @@ class DataConfig(_Section):
     def _one_source(self) -> DataConfig:
         if (self.path is None) == (self.builtin is None):
             raise ValueError("set exactly one of data.path and data.builtin")
+        hub_only = (self.config, self.revision, self.validation_split if self.validation_path is None else None)
+        if self.builtin is not None and hub_only != (None, None, None):
+            raise ValueError("data.config, data.revision and data.validation_split name parts of a hub dataset; data.builtin has none")
         return self
 
 

@@ -22,7 +22,8 @@ EXAMPLES = [
 def make_cfg(**overrides):
     """A stand-in for recipe.DataConfig: the attributes data.py reads, nothing more."""
     fields = dict(
-        path=None, builtin=None, format="auto", split="train", validation_path=None,
+        path=None, builtin=None, format="auto", config=None, split="train", revision=None, validation_split=None,
+        validation_path=None,
         val_size=3, max_length=256, train_on_prompt=False, max_examples=None,
     )  # fmt: skip
     fields.update(overrides)
@@ -191,7 +192,7 @@ def test_bad_keys_name_the_file_record_and_missing_key():
 )
 def test_real_files_are_auto_detected(shared_data, relpath, layout):
     path = shared_data / relpath
-    raw = records._read_raw(str(path), "train")
+    raw = records.Source(str(path)).read()
     assert records.detect_format(raw[0]) == layout
     train, val = load_records(make_cfg(path=str(path), val_size=10), seed=0)
     assert len(train) + len(val) == len(raw) and len(val) == 10
@@ -276,7 +277,7 @@ def test_hub_dataset_ids_are_read_from_the_hub_cache_by_split(tmp_path, monkeypa
     assert [ex.answer for ex in train] == ["5"]
     train, val = load_records(make_cfg(path="org/one-file", val_size=2), seed=0)  # one file: the train split
     assert len(train) == 4 and len(val) == 2
-    with pytest.raises(DataError, match="no data file for split 'validation'"):
+    with pytest.raises(DataError, match=r"\(configs and their splits: default: train\): config 'default' has no split 'validation'"):
         load_records(make_cfg(path="org/one-file", split="validation"), seed=0)
     with pytest.raises(HubError, match="dataset 'org/missing' is not a local path and not in the local Hugging Face cache"):
         load_records(make_cfg(path="org/missing"), seed=0)

@@ -6,21 +6,14 @@ import os
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from helpers import milora
 from hub_cache import add_folder, add_repo
+from hub_repos import GSM8K_CARD, WIKITEXT_CARD, parquet, wikitext_rows
 
 MODEL_ID, DATA_ID, BENCH_ID = "milora-test/tiny-llama", "milora-test/commonsense-mini", "milora-test/benchmarks"
-
-
-def parquet(rows: list[dict]) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows), sink)
-    return sink.getvalue().to_pybytes()
 
 
 def jsonl(path: Path, n: int) -> list[dict]:
@@ -35,11 +28,11 @@ def hf_home(tmp_path_factory, tiny_model_dir, shared_data) -> Path:
     train = json.loads((shared_data / "commonsense/boolq/train.json").read_text())[:40]
     add_repo(home, DATA_ID, "dataset", {"data/train.json": json.dumps(train).encode(), "README.md": b"# mini"})
     add_repo(home, BENCH_ID, "dataset", {"commonsense/boolq/test.json": shared_data / "commonsense/boolq/test.json"})
-    add_repo(home, "openai/gsm8k", "dataset",
-             {"main/test-00000-of-00001.parquet": parquet(jsonl(shared_data / "math/gsm8k_test.jsonl", 50))})
+    add_repo(home, "openai/gsm8k", "dataset", {"README.md": GSM8K_CARD.encode(),
+                                                 "main/test-00000-of-00001.parquet": parquet(jsonl(shared_data / "math/gsm8k_test.jsonl", 50))})
     lines = (shared_data / "wikitext2/test.txt").read_text().splitlines(keepends=True)[:200]
-    add_repo(home, "Salesforce/wikitext", "dataset",
-             {"wikitext-2-v1/test-00000-of-00001.parquet": parquet([{"text": line} for line in lines])})
+    add_repo(home, "Salesforce/wikitext", "dataset", {"README.md": WIKITEXT_CARD.encode(),
+                                                        "wikitext-2-v1/test-00000-of-00001.parquet": parquet(wikitext_rows(lines))})
     return home
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from milora_cli import atomic, locate
-from milora_cli.data import builtin
+from milora_cli.data import builtin, hub
 from milora_cli.errors import DataError
 from milora_cli.evaluation.answers import ANSWER_MARKER
 
@@ -199,16 +199,6 @@ _READERS: dict[str, Callable[[Path], list[Any]]] = {
 }
 
 
-def _read_raw(path: str, split: str) -> list[Any]:
-    """Raw records from a local file or from the files of a hub dataset (locate.is_local tells which)."""
-    if not locate.is_local(path):
-        return _read_hub(path, split)
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DataError(f"data file not found: {path}")
-    return read_file(file)
-
-
 def read_file(file: Path) -> list[Any]:
     """The records of one .json (a list), .jsonl or .parquet file."""
     reader = _READERS.get(file.suffix)
@@ -217,59 +207,81 @@ def read_file(file: Path) -> list[Any]:
     return reader(file)
 
 
-def _read_hub(repo_id: str, split: str) -> list[Any]:
-    """The records of a hub dataset's `split`: its data files fetched (or found in the offline cache) by
-    huggingface_hub and read by the readers above, not by `datasets` (which does not load offline from it).
+@dataclass(frozen=True)
+class Source:
+    """Where records come from: a local file, or a split of a config of a hub dataset at a revision."""
 
-    The split's files are those with the split's name as a part of their path (train.json,
-    data/train-00000-of-00002.parquet), read in path order; a repository of one data file is its train split.
-    """
-    folder = locate.hub_snapshot(repo_id, "dataset", patterns=[f"*{suffix}" for suffix in locate.DATA_SUFFIXES])
-    files = sorted(p for p in folder.rglob("*") if p.suffix in _READERS and p.is_file())
-    named = [p for p in files if split in re.split(r"[-_./]", p.relative_to(folder).as_posix())]
-    chosen = named or (files if split == "train" and len(files) == 1 else [])
-    if not chosen:
-        found = ", ".join(p.relative_to(folder).as_posix() for p in files) or "none"
-        raise DataError(f"hub dataset '{repo_id}' has no data file for split '{split}' (data files: {found}); set data.split")
-    return [record for file in chosen for record in read_file(file)]
+    path: str
+    split: str | None = None
+    config: str | None = None
+    revision: str | None = None
+
+    def read(self) -> list[Any]:
+        """Raw records: the local file, or the split's data files, fetched alone (data/hub.py), in path order."""
+        if not locate.is_local(self.path):
+            if self.split is None:
+                raise DataError(f"data.validation_path '{self.path}' is a hub dataset: name its split with data.validation_split")
+            return [record for file in hub.split_files(self.path, self.config, self.split, self.revision) for record in read_file(file)]
+        if not Path(self.path).expanduser().is_file():
+            raise DataError(f"data file not found: {self.path}")
+        return read_file(Path(self.path).expanduser())
 
 
-def _read_examples(path: str, fmt: str, split: str) -> list[Example]:
-    raw = _read_raw(path, split)
+def _read_examples(source: Source, fmt: str) -> list[Example]:
+    raw = source.read()
     if not raw:
-        raise DataError(f"{path}: no records")
+        raise DataError(f"{source.path}: no records")
     if fmt == "auto" and isinstance(raw[0], dict):  # one layout per file, decided by its first record
-        fmt = detect_format(raw[0], path)
-    return [normalize_record(r, fmt, source=path, index=i) for i, r in enumerate(raw)]
+        fmt = detect_format(raw[0], source.path)
+    return [normalize_record(r, fmt, source=source.path, index=i) for i, r in enumerate(raw)]
+
+
+def _sources(cfg: Any) -> tuple[Source, Source | None]:
+    """(training source, validation source or None) of a data section; hub-only keys on a local path are refused."""
+    named = [f"data.{key}" for key in ("config", "revision", "validation_split") if getattr(cfg, key) is not None
+             and (key != "validation_split" or cfg.validation_path is None)]
+    if locate.is_local(cfg.path) and named:
+        raise DataError(f"{' and '.join(named)} name a part of a hub dataset, but data.path '{cfg.path}' is a local "
+                        "file; remove them or set data.path to a hub dataset id")
+    train = Source(cfg.path, cfg.split, cfg.config, cfg.revision)
+    if cfg.validation_path is not None or cfg.validation_split is None:
+        return train, None if cfg.validation_path is None else Source(cfg.validation_path, cfg.validation_split)
+    if cfg.validation_split == cfg.split:
+        raise DataError(f"data.validation_split '{cfg.split}' is the training split: validation would score examples "
+                        "trained on; name another split (e.g. validation or test)")
+    return train, Source(cfg.path, cfg.validation_split, cfg.config, cfg.revision)
 
 
 def load_records(cfg: Any, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, validation) Examples for a recipe's `data` section.
 
-    1. Read cfg.path (local file or hub id) or generate cfg.builtin.
-    2. Validation: cfg.validation_path if set, else the builtin's held-out part, else cfg.val_size
-       examples held out by a seeded shuffle (as LLM-Adapters' train_test_split does).
+    1. Read cfg.path (a local file, or cfg.split of cfg.config of a hub dataset) or generate cfg.builtin.
+    2. Validation: cfg.validation_path if set (a hub one: its cfg.validation_split), else the hub dataset's
+       cfg.validation_split, else the builtin's held-out part, else cfg.val_size examples held out by a
+       seeded shuffle (as LLM-Adapters' train_test_split does).
     3. Cap training at cfg.max_examples. The training part is kept in shuffled order so that the cap
        samples the whole file: Commonsense170K, for one, is its source sets concatenated in order.
     """
     # 1.
     if cfg.builtin is not None:
         train, val = _load_builtin(cfg.builtin, seed)
+        validation = None if cfg.validation_path is None else Source(cfg.validation_path, cfg.validation_split)
     else:
-        records = _read_examples(cfg.path, cfg.format, cfg.split)
+        source, validation = _sources(cfg)
+        records = _read_examples(source, cfg.format)
         order = list(range(len(records)))
         random.Random(seed).shuffle(order)
-        n_val = 0 if cfg.validation_path is not None else cfg.val_size
+        n_val = 0 if validation is not None else cfg.val_size
         if n_val >= len(records):
             raise DataError(
                 f"{cfg.path} has {len(records)} records and data.val_size={cfg.val_size} would leave none "
-                "for training; lower data.val_size or set data.validation_path"
+                "for training; lower data.val_size or set data.validation_path or data.validation_split"
             )
         val = [records[i] for i in order[:n_val]]
         train = [records[i] for i in order[n_val:]]
     # 2.
-    if cfg.validation_path is not None:
-        val = _read_examples(cfg.validation_path, cfg.format, cfg.split)
+    if validation is not None:
+        val = _read_examples(validation, cfg.format)
     # 3.
     if cfg.max_examples is not None:
         train = train[: cfg.max_examples]

@@ -2,10 +2,11 @@
 
 Task data comes from `--data-dir`: a folder laid out like ../shared/data, or a hub dataset id whose files
 are laid out the same way. Without it, the tasks that a public hub dataset holds are read from there:
-GSM8K from openai/gsm8k, MATH-500 from HuggingFaceH4/MATH-500, WikiText-2 from Salesforce/wikitext. Hub
-files are fetched by huggingface_hub into its cache (offline: read from it, locate.py) and read with
-milora's own readers. No hub dataset is known to hold LLM-Adapters' commonsense test sets or the 5,000
-MATH test problems of math-evaluation-harness: those tasks need `--data-dir`.
+GSM8K from openai/gsm8k (config main, split test), MATH-500 from HuggingFaceH4/MATH-500 (test), WikiText-2
+from Salesforce/wikitext (wikitext-2-v1, test), each split resolved and fetched alone as training data is
+(data/hub.py; offline: read from the cache, locate.py) and read with milora's own readers. No hub dataset
+is known to hold LLM-Adapters' commonsense test sets or the 5,000 MATH test problems of
+math-evaluation-harness: those tasks need `--data-dir`.
 
 Prompts are the training prompts (records.prompt_for_generation on the record normalised as training
 normalises it), byte for byte. GSM8K and MATH add MetaMath's cue "Let's think step by step." as the
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from milora_cli import atomic, locate
-from milora_cli.data import records
+from milora_cli.data import hub, records
 from milora_cli.errors import DataError, EvalError
 from milora_cli.evaluation import answers
 from milora_cli.recipe import BenchmarkTask
@@ -33,10 +34,12 @@ MATH_CUE = "Let's think step by step."
 
 @dataclass(frozen=True)
 class HubFiles:
-    """Where a public hub dataset holds a task's data: the repository and a glob of its files in it."""
+    """Where a public hub dataset holds a task's data: the repository, its config (None: the default) and
+    split, resolved as training data is (data/hub.py)."""
 
     repo: str
-    pattern: str
+    config: str | None
+    split: str
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,10 @@ class Item:
 
 
 TASKS: dict[str, Task] = {name: Task(name, "choice", f"commonsense/{name}/test.json", None) for name in answers.CHOICE_PATTERNS} | {
-    "gsm8k": Task("gsm8k", "gsm8k", "math/gsm8k_test.jsonl", HubFiles("openai/gsm8k", "main/test-*.parquet")),
+    "gsm8k": Task("gsm8k", "gsm8k", "math/gsm8k_test.jsonl", HubFiles("openai/gsm8k", "main", "test")),
     "math": Task("math", "math", "math/MATH_test.jsonl", None),
-    "math500": Task("math500", "math", "math/MATH500_test.jsonl", HubFiles("HuggingFaceH4/MATH-500", "test.jsonl")),
-    "wikitext": Task("wikitext", "perplexity", "wikitext2/test.txt", HubFiles("Salesforce/wikitext", "wikitext-2-v1/test-*.parquet")),
+    "math500": Task("math500", "math", "math/MATH500_test.jsonl", HubFiles("HuggingFaceH4/MATH-500", None, "test")),
+    "wikitext": Task("wikitext", "perplexity", "wikitext2/test.txt", HubFiles("Salesforce/wikitext", "wikitext-2-v1", "test")),
 }
 assert set(TASKS) == set(get_args(BenchmarkTask)), "recipe.BenchmarkTask and TASKS must name the same tasks"
 COMMONSENSE = list(answers.CHOICE_PATTERNS)
@@ -130,9 +133,11 @@ def check_data(names: list[str], data_dir: str | None, flag: str) -> None:
 
 
 def load_text(task: Task, data_dir: str | None) -> str:
-    """The whole text of a perplexity task: a .txt file, or the `text` rows of hub parquet files."""
+    """The whole text of a perplexity task: a .txt file, or the `text` rows of hub parquet files, which are
+    the file's lines with each blank line as "" (the wikitext loading script the hub's parquet was made by
+    yields `row if row.strip() else ""`; every blank line of WikiText-2's files is " \n")."""
     files = data_files(task, data_dir)
-    return "".join(atomic.read_text(file, EvalError) if file.suffix == ".txt" else "".join(row["text"] for row in _read(file))
+    return "".join(atomic.read_text(file, EvalError) if file.suffix == ".txt" else "".join(row["text"] or " \n" for row in _read(file))
                    for file in files)
 
 
@@ -146,12 +151,15 @@ def data_files(task: Task, data_dir: str | None, flag: str = "--data-dir") -> li
         if not path.is_file():
             raise EvalError(f"task {task.name}: {path} not found; {flag} must be laid out like ../shared/data ({task.local})")
         return [path]
-    repo, pattern = (data_dir, task.local) if data_dir is not None else (task.hub.repo, task.hub.pattern)
-    folder = locate.hub_snapshot(repo, "dataset", patterns=[pattern])
-    files = sorted(folder.glob(pattern))
-    if not files:
-        raise EvalError(f"task {task.name}: hub dataset '{repo}' has no file {pattern}")
-    return files
+    if data_dir is None:
+        try:
+            return hub.split_files(task.hub.repo, task.hub.config, task.hub.split, revision=None)
+        except DataError as error:
+            raise EvalError(f"task {task.name}: {error}") from None
+    folder = locate.hub_snapshot(data_dir, "dataset", patterns=[task.local])
+    if not (folder / task.local).is_file():
+        raise EvalError(f"task {task.name}: hub dataset '{data_dir}' has no file {task.local}")
+    return [folder / task.local]
 
 
 def _read(path: Path) -> list[dict]:
