@@ -22,7 +22,6 @@ app = typer.Typer(
     help="Fine-tune LLMs with MiLoRA: LoRA adapters initialised from the minor singular components.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 console = Console()
 
@@ -230,6 +229,8 @@ def bare_resume(args: list[str]) -> list[str]:
 
     It is bare when it comes last or before another option, an override (`train.lr=1e-4`) or a recipe.
     """
+    if "--resume" not in args:  # run_dir loads torch: `milora --help` and completion must not wait for it
+        return list(args)
     from milora_cli.training.run_dir import LATEST
 
     args = list(args)
