@@ -15,7 +15,7 @@ from milora_cli.errors import RecipeError
 DEFAULT_SHARD_SIZE = "5GB"  # the largest weight file of a merged folder, as transformers' save_pretrained
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 # Common names from other tools, so that a misspelt key gets the right suggestion.
-_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr"}
+_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr", "tensorboard": "report_to"}
 # The choices the recipe and the CLI share; modules import them from here.
 Dtype = Literal["fp32", "bf16", "fp16"]
 Init = Literal["milora", "pissa", "lora"]
@@ -30,6 +30,8 @@ BenchmarkTask = Literal[
 ]
 # How the frozen base is stored (quantize.py): bitsandbytes' 4-bit NormalFloat or float, LLM.int8(), or not at all.
 Quantize = Literal["none", "nf4", "fp4", "int8"]
+# The experiment trackers a run reports to (training/trackers.py), named as Hugging Face's `report_to` names them.
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "comet", "none"]
 
 
 class _Section(BaseModel):
@@ -162,7 +164,24 @@ class TrainConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = Field("out/run", min_length=1, description="Run folder: recipe.yaml, metrics.jsonl, checkpoints, the final adapter.")
-    tensorboard: bool = Field(True, description="Also write TensorBoard logs when tensorboard is installed.")
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description="Experiment trackers that also get the metrics and the resolved recipe: tensorboard, wandb, mlflow, trackio, "
+        "comet (each needs its package), or none.",
+    )
+    project: str = Field("milora", min_length=1, description="The trackers' project (MLflow: experiment); the run is named after `dir`.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _none_alone(cls, value: list[str]) -> list[str]:
+        if "none" in value and len(value) > 1:
+            raise ValueError("none cannot be combined with a tracker")
+        return list(dict.fromkeys(name for name in value if name != "none"))
 
 
 class EvalConfig(_Section):
