@@ -12,11 +12,11 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from milora_cli.choices import DEFAULT_SHARD_SIZE
+from milora_cli.choices import Dtype as DtypeName
+from milora_cli.choices import MergeFormat as MergeFormatName
+from milora_cli.choices import Quantize as QuantizeName
 from milora_cli.errors import MiloraError
-from milora_cli.recipe import DEFAULT_SHARD_SIZE
-from milora_cli.recipe import Dtype as DtypeName
-from milora_cli.recipe import MergeFormat as MergeFormatName
-from milora_cli.recipe import Quantize as QuantizeName
 
 app = typer.Typer(
     help="Fine-tune LLMs with MiLoRA: LoRA adapters initialised from the minor singular components.",
@@ -94,7 +94,7 @@ def train(
 
 
 def _choices(name: str, literal: Any) -> type[enum.Enum]:
-    """A typer choice type from one of recipe.py's Literals, so the CLI and the recipe offer the same values."""
+    """A typer choice type from one of the recipe's Literals (choices.py), so the CLI and the recipe offer the same values."""
     return enum.Enum(name, {value: value for value in get_args(literal)}, type=str)
 
 

@@ -11,7 +11,8 @@ from helpers import REPO
 from milora_cli.cli import app
 
 COMMANDS = sorted(typer.main.get_command(app).commands)
-# What takes seconds to import; none of it is needed to print help or complete a word.
+# What takes seconds to import; none of it is needed to print help or complete a word. (pydantic is not here: Typer
+# itself converts a command's parameters with it.)
 HEAVY = ("torch", "transformers", "accelerate", "datasets", "peft", "safetensors.torch", "bitsandbytes")
 
 

@@ -2,6 +2,7 @@
 its tracker run; a missing package is one line before the model loads."""
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -180,3 +181,21 @@ def test_comet_offline_experiment_read_back(tiny_model_dir, tiny_data, tmp_path,
                     names.add(payload["value"])
     assert names == {"comet-run"} and params["adapter.r"] == 4
     assert loss == pytest.approx({m["step"]: m["loss"] for m in metrics}, rel=1e-12)
+
+
+@pytest.mark.parametrize("value, expected", [("none", []), (["none"], []), ("wandb", ["wandb"]),
+                                             (["tensorboard", "mlflow"], ["tensorboard", "mlflow"])])
+def test_report_to_takes_a_name_or_a_list(value, expected):
+    assert validate({"data": {"builtin": "quickstart"}, "output": {"report_to": value}}).output.report_to == expected
+
+
+@pytest.mark.parametrize("output, needle", [
+    ({"report_to": ["none", "wandb"]}, "none cannot be combined with a tracker"),
+    ({"report_to": ["neptune"]}, "Input should be 'tensorboard', 'wandb', 'mlflow', 'trackio', 'comet' or 'none'"),
+    ({"tensorboard": True}, "did you mean 'output.report_to'?"),  # the key report_to replaced
+])
+def test_bad_report_to_is_one_line(output, needle):
+    from milora_cli.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=re.escape(needle)):
+        validate({"data": {"builtin": "quickstart"}, "output": output})
