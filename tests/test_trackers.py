@@ -87,6 +87,7 @@ def test_wandb_offline_run_read_back(tiny_model_dir, tiny_data, tmp_path, monkey
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")  # no Sentry report over the network
     run = tmp_path / "wandb-run"
     metrics = train_and_resume(tiny_model_dir, tiny_data, run, ["wandb"])
     run_id = json.loads((run / "trackers.json").read_text())["wandb"]
@@ -161,6 +162,7 @@ def test_comet_offline_experiment_read_back(tiny_model_dir, tiny_data, tmp_path,
     monkeypatch.setenv("COMET_START_ONLINE", "false")  # comet_ml's OfflineExperiment: a zip per session, uploaded later
     monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(tmp_path / "comet"))
     monkeypatch.setenv("COMET_ERROR_TRACKING_ENABLE", "false")  # else it reports to Sentry over the network
+    monkeypatch.setenv("COMET_AUTO_LOG_ENV_HOST", "false")  # else it looks up Comet's server to find this machine's address
     run = tmp_path / "comet-run"
     metrics = train_and_resume(tiny_model_dir, tiny_data, run, ["comet"])
     key = json.loads((run / "trackers.json").read_text())["comet"]
