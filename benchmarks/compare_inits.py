@@ -53,7 +53,7 @@ def recipe(init: str, data_path: Path, run_dir: Path, args: argparse.Namespace):
         "data": {"path": str(data_path), "val_size": 0, "max_length": 256},
         "train": {"max_steps": args.steps, "lr": args.lr, "micro_batch_size": 8, "warmup_steps": 10,
                   "scheduler": "linear", "eval_every": None, "log_every": 10, "seed": args.seed},
-        "output": {"dir": str(run_dir), "tensorboard": False},
+        "output": {"dir": str(run_dir)},
     })
 
 

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def train_command(out: Path, steps: int, heldout: int, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "milora_cli", "train", "recipes/quickstart.yaml", f"train.max_steps={steps}",
-            f"eval.heldout={heldout}", "output.tensorboard=false", f"output.dir={out}", *overrides]
+            f"eval.heldout={heldout}", f"output.dir={out}", *overrides]
 
 
 def main() -> None:

@@ -113,7 +113,7 @@ def main() -> None:
             "data": {"path": str(tmp / "mixed.json"), "max_length": 256, "val_size": 0},
             "train": {"max_steps": args.steps, "micro_batch_size": args.batch, "gradient_accumulation_steps": 1,
                       "log_every": 1, "eval_every": None, "mixed_precision": "no", "warmup_steps": 0},
-            "output": {"dir": str(tmp / "milora"), "tensorboard": False},
+            "output": {"dir": str(tmp / "milora")},
             "eval": {"heldout": 0},
         }
         recipe_path = tmp / "recipe.yaml"

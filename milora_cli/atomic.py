@@ -11,12 +11,12 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import save
+from typing import TYPE_CHECKING, Any
 
 from milora_cli.errors import DataError, MiloraError, OutputError
+
+if TYPE_CHECKING:  # torch loads only where a tensor is written: the CLI imports this module through recipe.py
+    import torch
 
 
 def read_text(path: Path, error: type[MiloraError] = DataError) -> str:
@@ -119,6 +119,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def save_file_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """A safetensors file written by write_bytes_atomic."""
+    from safetensors.torch import save
+
     write_bytes_atomic(path, save(tensors, metadata=metadata))
 
 

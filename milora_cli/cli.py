@@ -12,17 +12,16 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from milora_cli.choices import DEFAULT_SHARD_SIZE
+from milora_cli.choices import Dtype as DtypeName
+from milora_cli.choices import MergeFormat as MergeFormatName
+from milora_cli.choices import Quantize as QuantizeName
 from milora_cli.errors import MiloraError
-from milora_cli.recipe import DEFAULT_SHARD_SIZE
-from milora_cli.recipe import Dtype as DtypeName
-from milora_cli.recipe import MergeFormat as MergeFormatName
-from milora_cli.recipe import Quantize as QuantizeName
 
 app = typer.Typer(
     help="Fine-tune LLMs with MiLoRA: LoRA adapters initialised from the minor singular components.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 console = Console()
 
@@ -111,7 +110,7 @@ def train(
 
 
 def _choices(name: str, literal: Any) -> type[enum.Enum]:
-    """A typer choice type from one of recipe.py's Literals, so the CLI and the recipe offer the same values."""
+    """A typer choice type from one of the recipe's Literals (choices.py), so the CLI and the recipe offer the same values."""
     return enum.Enum(name, {value: value for value in get_args(literal)}, type=str)
 
 
@@ -250,6 +249,8 @@ def bare_resume(args: list[str]) -> list[str]:
 
     It is bare when it comes last or before another option, an override (`train.lr=1e-4`) or a recipe.
     """
+    if "--resume" not in args:  # run_dir loads torch: `milora --help` and completion must not wait for it
+        return list(args)
     from milora_cli.training.run_dir import LATEST
 
     args = list(args)

@@ -10,26 +10,23 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from milora_cli import atomic, locate
+from milora_cli.choices import DEFAULT_SHARD_SIZE, Dtype, MergeFormat, Quantize  # noqa: F401 - modules import them from here
 from milora_cli.errors import RecipeError
 
-DEFAULT_SHARD_SIZE = "5GB"  # the largest weight file of a merged folder, as transformers' save_pretrained
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 # Common names from other tools, so that a misspelt key gets the right suggestion.
-_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr"}
-# The choices the recipe and the CLI share; modules import them from here.
-Dtype = Literal["fp32", "bf16", "fp16"]
+_ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr", "tensorboard": "report_to"}
+# The choices the recipe and the CLI share (those the command line offers are defined in choices.py); modules import them from here.
 Init = Literal["milora", "pissa", "lora"]
 SvdDtype = Literal["float32", "float64"]
 SvdDriver = Literal["gram", "svd"]
-MergeFormat = Literal["merged", "peft"]
 Packing = Literal["auto", "on", "off"]
 # The benchmarks `milora eval` and the recipe's eval.tasks know (tasks.py holds their data and protocols).
 BenchmarkTask = Literal[
     "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
     "gsm8k", "math", "math500", "wikitext",
 ]
-# How the frozen base is stored (quantize.py): bitsandbytes' 4-bit NormalFloat or float, LLM.int8(), or not at all.
-Quantize = Literal["none", "nf4", "fp4", "int8"]
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "comet", "none"]  # as HF's report_to; training/trackers.py
 
 
 class _Section(BaseModel):
@@ -175,7 +172,17 @@ class TrainConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = Field("out/run", min_length=1, description="Run folder: recipe.yaml, metrics.jsonl, checkpoints, the final adapter.")
-    tensorboard: bool = Field(True, description="Also write TensorBoard logs when tensorboard is installed.")
+    report_to: list[Tracker] = Field(default_factory=list, description="Experiment trackers that also get the metrics and the "
+                                     "resolved recipe (each needs its package): tensorboard, wandb, mlflow, trackio, comet, or none.")
+    project: str = Field("milora", min_length=1, description="The trackers' project (MLflow: experiment); the run is named after `dir`.")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        names = [value] if isinstance(value, str) else value
+        if isinstance(names, list) and "none" in names and len(names) > 1:
+            raise ValueError("none cannot be combined with a tracker")
+        return [] if names == ["none"] else names
 
     @field_validator("dir")
     @classmethod

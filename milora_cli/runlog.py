@@ -1,4 +1,4 @@
-"""What a run reports: the metrics file, TensorBoard, the progress bar, library versions."""
+"""What a run reports: the metrics file (and through it the experiment trackers), the progress bar, library versions."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,10 @@ def versions() -> dict[str, Any]:
 
 
 class MetricsLog:
-    """metrics.jsonl in the run dir (one JSON object a line, flushed each line), plus TensorBoard if installed."""
+    """metrics.jsonl in the run dir (one JSON object a line, flushed each line), milora's own record; each record
+    also goes to `report` (the run's experiment trackers: Accelerator.log), numbers only."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
+    def __init__(self, run_dir: Path, resume_step: int | None, report: Callable[..., None] | None = None):
         """A fresh file, or on resume the old one cut back to what the checkpoint at resume_step had seen."""
         self.path = run_dir / "metrics.jsonl"
         atomic.refuse_link(self.path)  # read and emptied below: never another file's
@@ -49,28 +51,17 @@ class MetricsLog:
             kept = "".join(line + "\n" for line in lines if _step_of(line) <= resume_step)
         self.handle = atomic.open_to_append(self.path, empty=True)
         self.handle.write(kept)
-        self.board = None
-        if tensorboard:
-            atomic.refuse_link(run_dir / "tensorboard")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.board = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.board = None
+        self.report = report
 
     def write(self, record: dict[str, Any]) -> None:
         self.handle.write(json.dumps(record) + "\n")
         self.handle.flush()
-        if self.board is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.board.add_scalar(key, value, record["step"])
+        if self.report is not None:
+            values = {key: value for key, value in record.items() if key != "step" and isinstance(value, (int, float))}
+            self.report(values, step=record["step"])
 
     def close(self) -> None:
         self.handle.close()
-        if self.board is not None:
-            self.board.close()
 
 
 def _step_of(line: str) -> float:

@@ -60,7 +60,7 @@ def tiny_recipe(model: str, data: str, out: Path, **adapter_values) -> dict:
         "adapter": {"init": "milora", "r": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], **adapter_values},
         "data": {"path": data, "val_size": 8, "max_length": 48},
         "train": {"max_steps": 6, "lr": 1e-2, "warmup_steps": 1, "save_every": 2, "keep_checkpoints": 2, "micro_batch_size": 2},
-        "output": {"dir": str(out), "tensorboard": False},
+        "output": {"dir": str(out)},
     }
 
 

@@ -250,7 +250,7 @@ def test_a_run_dir_scores_like_its_merged_folder_and_the_recipe_eval_runs_after_
         "adapter": {"init": "milora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"path": tiny_data, "val_size": 8, "max_length": 64},
         "train": {"max_steps": 2, "lr": 5e-2, "warmup_steps": 0, "eval_every": 1},
-        "output": {"dir": str(run_dir), "tensorboard": False},
+        "output": {"dir": str(run_dir)},
         "eval": {"tasks": ["boolq", "wikitext"], "data_dir": str(data_dir), "limit": 3, "every": 1, "ppl_window": 64,
                  "choice_max_new_tokens": 4},
     })

@@ -34,7 +34,7 @@ def short_run(model: str, data: str, out: Path, init: str, r: int, targets, lr: 
         "adapter": {"init": init, "r": r, "dropout": 0.0, "target_modules": targets},
         "data": {"path": data, "val_size": 0, "max_length": 64},
         "train": {"max_steps": 2, "lr": lr, "warmup_steps": 0, "micro_batch_size": 2, "eval_every": None},
-        "output": {"dir": str(out), "tensorboard": False},
+        "output": {"dir": str(out)},
         "eval": {"heldout": 0},
     }
     train(validate(raw), Console(quiet=True))

@@ -30,7 +30,7 @@ def test_the_tiny_loss_curve_is_the_recorded_one(tiny_model_dir, tiny_data, tmp_
         "train": {"max_steps": 6, "lr": 5e-2, "warmup_steps": 2, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
                   "scheduler": "cosine", "log_every": 1, "eval_every": 3},
         "eval": {"heldout": 0},
-        "output": {"dir": str(tmp_path / "run"), "tensorboard": False},
+        "output": {"dir": str(tmp_path / "run")},
     }
     train(validate(raw), Console(quiet=True))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

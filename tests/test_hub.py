@@ -47,7 +47,7 @@ def test_train_merge_eval_with_hub_ids_offline(hf_home, tmp_path):
         "adapter": {"init": "milora", "r": 4, "dropout": 0.05},
         "data": {"path": DATA_ID, "val_size": 4, "max_length": 96},
         "train": {"max_steps": 2, "micro_batch_size": 4, "warmup_steps": 1, "log_every": 1, "eval_every": 2},
-        "output": {"dir": str(run), "tensorboard": False},
+        "output": {"dir": str(run)},
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     trained = milora("train", str(tmp_path / "recipe.yaml"), env=env)

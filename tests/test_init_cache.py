@@ -76,7 +76,7 @@ def test_train_reports_init_from_cache(tiny_model_dir, tiny_data, tmp_path, fact
     def run(out: Path) -> tuple[dict, str]:
         raw = {"model": {"name_or_path": tiny_model_dir}, "adapter": {"r": 4, "target_modules": "all-linear"},
                "data": {"path": tiny_data, "val_size": 8, "max_length": 64}, "train": {"max_steps": 0},
-               "output": {"dir": str(out), "tensorboard": False}}
+               "output": {"dir": str(out)}}
         text = io.StringIO()
         return train(validate(raw), Console(file=text, width=200)), text.getvalue()
 

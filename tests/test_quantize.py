@@ -135,7 +135,7 @@ def tiny_nf4_recipe(model_dir: str, data: str, out: Path, **train_overrides) -> 
             "adapter": {"r": 4, "dropout": 0.0, "target_modules": "all-linear"},
             "data": {"path": data, "val_size": 0, "max_length": 64},
             "train": {"max_steps": 3, "lr": 1e-2, "warmup_steps": 0, "micro_batch_size": 4, "eval_every": None, **train_overrides},
-            "output": {"dir": str(out), "tensorboard": False}}
+            "output": {"dir": str(out)}}
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +222,7 @@ def test_smollm2_nf4_trains_and_merges_onto_the_original_base(smollm2_path, tmp_
     """The quickstart recipe's adapter (its factors cached by an unquantized quickstart run serve this one too)."""
     run = tmp_path / "run"
     overrides = ["model.quantize=nf4", "train.max_steps=5", "train.micro_batch_size=4", "train.log_every=1", "train.eval_every=null",
-                 "train.warmup_steps=0", "data.max_length=48", "eval.heldout=0", "output.tensorboard=false", f"output.dir={run}"]
+                 "train.warmup_steps=0", "data.max_length=48", "eval.heldout=0", f"output.dir={run}"]
     result = helpers.milora("train", "recipes/quickstart.yaml", *overrides)
     assert result.returncode == 0, result.stderr[-2000:]
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]

@@ -166,7 +166,7 @@ def short_run(model: str, out: Path, init: str, data: dict, steps: int, lr: floa
         "adapter": {"init": init, "r": r, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
         "data": {**data, "val_size": 0, "max_length": 64},
         "train": {"max_steps": steps, "lr": lr, "warmup_steps": 0, "micro_batch_size": 4, "eval_every": None, "seed": 1},
-        "output": {"dir": str(out), "tensorboard": False},
+        "output": {"dir": str(out)},
         "eval": {"heldout": 0},
     }
     train(validate(raw), Console(quiet=True))

@@ -25,7 +25,7 @@ def tiny_recipe(model_dir: str, data_path: str, out: Path, **train_overrides) ->
         "adapter": {"init": "milora", "r": 4, "dropout": 0.0, "target_modules": "all-linear"},
         "data": {"path": data_path, "val_size": 8, "max_length": 64},
         "train": {"max_steps": 3, "lr": 1e-2, "warmup_steps": 1, "log_every": 1, "eval_every": 2, **train_overrides},
-        "output": {"dir": str(out), "tensorboard": False},
+        "output": {"dir": str(out)},
     }
 
 

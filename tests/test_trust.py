@@ -118,12 +118,12 @@ def test_a_predictions_file_linked_to_another_eval_gets_no_lines_appended(world:
 
 
 def test_a_tensorboard_folder_linked_elsewhere_gets_no_event_files(world: World):
-    pytest.importorskip("torch.utils.tensorboard", reason="tensorboard is not installed: the run writes no TensorBoard logs")
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed: the run writes no TensorBoard logs")
     elsewhere, run = world.tmp / "elsewhere", world.tmp / "fresh"
     elsewhere.mkdir()
     run.mkdir()
     (run / "tensorboard").symlink_to(elsewhere)
-    code, _, err = cli("train", world.recipe, f"output.dir={run}", "output.tensorboard=true", "train.max_steps=1")
+    code, _, err = cli("train", world.recipe, f"output.dir={run}", "output.report_to=tensorboard", "train.max_steps=1")
     assert not list(elsewhere.iterdir())
     assert refused(code, err, str(run / "tensorboard"), "symbolic link")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from rich.console import Console
 
 from milora_cli.data import tokens
@@ -26,7 +26,7 @@ from milora_cli.errors import RecipeError
 from milora_cli.ranks import Ranks
 from milora_cli.recipe import Recipe, dump_recipe
 from milora_cli.runlog import MetricsLog, Progress, versions
-from milora_cli.training import distributed, run_dir
+from milora_cli.training import distributed, run_dir, trackers
 from milora_cli.training.benchmarks import TrainingBenchmarks
 from milora_cli.training.build import Setup, build, data_line, initialise
 from milora_cli.training.heldout import HeldoutScorer
@@ -65,7 +65,8 @@ def train(recipe: Recipe, console: Console | None = None, resume_at: str | None 
     `resume_at`: run_dir.LATEST or a checkpoint folder (`--resume`); None resumes an existing run folder
     from its latest checkpoint if it has one, and starts otherwise. `trust`: what the command line allows (build).
     """
-    accelerator = _accelerator(recipe.train.mixed_precision, recipe.model.dtype)
+    trackers.check_installed(recipe.output.report_to)  # before the model loads
+    accelerator = _accelerator(recipe.train.mixed_precision, recipe.model.dtype, recipe.output.report_to, Path(recipe.output.dir))
     ranks = Ranks.of(accelerator)
     console = console if (console is not None and ranks.main) else Console(quiet=not ranks.main)
     run = run_dir.RunDir(Path(recipe.output.dir), dump_recipe(recipe), ranks.main)
@@ -90,7 +91,9 @@ def train(recipe: Recipe, console: Console | None = None, resume_at: str | None 
         loop.step, loop.best = run_dir.resume(resume_from, setup.adapters, loop.optimizer.optimizer, ranks, console)
     else:
         summary |= scorer.score("before")
-    loop.log = MetricsLog(run.path, loop.step if isinstance(resume_from, list) else None, recipe.output.tensorboard) if ranks.main else None
+    resume_step = loop.step if isinstance(resume_from, list) else None
+    trackers.start(accelerator, recipe, run.path, resume_step)
+    loop.log = MetricsLog(run.path, resume_step, accelerator.log if recipe.output.report_to else None) if ranks.main else None
     # 4. the loop: steps, log lines, validation and the best adapter, periodic checkpoints
     _run_loop(loop, console)
     # 5. the final adapter, the held-out score after training, the summary
@@ -107,11 +110,11 @@ def train(recipe: Recipe, console: Console | None = None, resume_at: str | None 
 
 
 def _leave_process_group(accelerator: Accelerator) -> None:
-    """Every process done, then the group torn down: a gloo process that exits with its threads still running
-    aborts ('terminate called without an active exception'), failing a run that finished."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
+    """Every process done, then the trackers closed and the group torn down (end_training): a gloo process that
+    exits with its threads still running aborts ('terminate called without an active exception'), failing a run
+    that finished."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: run_dir.Saver, console: Console, accumulation: int) -> Loop:
@@ -173,6 +176,7 @@ def _run_loop(loop: Loop, console: Console) -> None:
             if interrupted(accelerator) and loop.step < loop.max_steps:
                 loop.saver.save("periodic", loop.step, optimizer=loop.optimizer.optimizer, best=loop.best)
                 console.print(f"[yellow]interrupted:[/] checkpoint at step {loop.step}; run the same command again to resume")
+                _leave_process_group(accelerator)  # every process stops at this step: interrupted() agreed on it
                 raise SystemExit(130)
 
 
@@ -219,11 +223,13 @@ def autocast_dtype(mixed_precision: str, base_dtype: str, cuda: bool) -> str:
     return mixed_precision
 
 
-def _accelerator(mixed_precision: str, base_dtype: str) -> Accelerator:
+def _accelerator(mixed_precision: str, base_dtype: str, report_to: list[str], run_path: Path) -> Accelerator:
     mixed_precision = autocast_dtype(mixed_precision, base_dtype, torch.cuda.is_available())
     # cpu=True is what makes accelerate use gloo for a torchrun-launched job on a machine without CUDA.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)  # the frozen A0/B0 are equal on every rank
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    project = ProjectConfiguration(project_dir=str(run_path), logging_dir=str(run_path / "tensorboard"))
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp],
+                       log_with=trackers.log_with(report_to), project_config=project)
 
 
 class Window:
