@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Annotated, Any, get_args
 
 import typer
-from rich.console import Console
 from rich.text import Text
 
+from milora_cli import terminal
 from milora_cli.errors import MiloraError
 from milora_cli.recipe import DEFAULT_SHARD_SIZE
 from milora_cli.recipe import Dtype as DtypeName
@@ -24,7 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+console = terminal.console()
 
 
 @app.callback()
@@ -32,7 +32,7 @@ def _root() -> None:
     """Fine-tune LLMs with MiLoRA: LoRA adapters initialised from the minor singular components."""
 
 
-errors = Console(stderr=True)
+errors = terminal.console(stderr=True)
 
 
 def user_errors(command):

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from rich.console import Console
 
-from milora_cli import adapter, models, quantize
+from milora_cli import adapter, models, quantize, terminal
 from milora_cli.data import records, tokens
 from milora_cli.errors import RecipeError
 from milora_cli.evaluation import tasks
@@ -36,7 +36,7 @@ class Setup:
     model_path: str
 
 
-def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO") -> Setup:
+def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO", console: Console | None = None) -> Setup:
     """Load the model and tokenizer, inject adapters (not yet initialised), tokenise the data.
 
     Everything the recipe names is checked here, before the run folder is written or a step trained.
@@ -45,10 +45,11 @@ def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO") -
     train_examples, val_examples = records.load_records(recipe.data, recipe.train.seed)  # first: no model load to fail after
     cfg = recipe.model
     quantize.check(cfg.quantize, cfg.dtype, torch.device(device).type, distributed)
-    path = models.resolve(cfg.name_or_path, cfg.revision)  # a local folder: the hub's files are fetched or cached
-    tokenizer = models.load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
-    model = quantize.load_model(path, cfg.dtype, cfg.quantize, trust_remote_code=cfg.trust_remote_code, device=device,
-                                attn_implementation=cfg.attn_implementation)
+    with terminal.working(console or terminal.console(quiet=True), models.loading(cfg.name_or_path)):
+        path = models.resolve(cfg.name_or_path, cfg.revision)  # a local folder: the hub's files are fetched or cached
+        tokenizer = models.load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+        model = quantize.load_model(path, cfg.dtype, cfg.quantize, trust_remote_code=cfg.trust_remote_code, device=device,
+                                    attn_implementation=cfg.attn_implementation)
     names = adapter.find_targets(model, recipe.adapter.target_modules)
     adapters = adapter.inject(model, names, recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout)
     args = (tokenizer, recipe.data.max_length, recipe.data.train_on_prompt)
@@ -64,7 +65,7 @@ def describe(recipe: Recipe, console: Console) -> None:
     from rich.syntax import Syntax
 
     console.print(Syntax(dump_recipe(recipe), "yaml", theme="ansi_dark"))
-    setup = build(recipe, "cpu")
+    setup = build(recipe, "cpu", console=console)
     trainable, total = adapter.count_parameters(setup.model)
     console.print(data_line(recipe, setup))
     console.print("first training example (dim: prompt, no loss; [bold green]green[/]: trained tokens):")

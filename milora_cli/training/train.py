@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 
+from milora_cli import terminal
 from milora_cli.data import tokens
 from milora_cli.errors import RecipeError
 from milora_cli.ranks import Ranks
@@ -66,7 +67,7 @@ def train(recipe: Recipe, console: Console | None = None, resume_at: str | None 
     """
     accelerator = _accelerator(recipe.train.mixed_precision, recipe.model.dtype)
     ranks = Ranks.of(accelerator)
-    console = console if (console is not None and ranks.main) else Console(quiet=not ranks.main)
+    console = console if (console is not None and ranks.main) else terminal.console(quiet=not ranks.main)
     run = run_dir.RunDir(Path(recipe.output.dir), dump_recipe(recipe), ranks.main)
     accumulation = distributed.accumulation_steps(recipe.train, ranks.world)  # a bad global batch fails here
     # 1. the run folder: a fresh run, a resume, or nothing left to do
@@ -75,7 +76,7 @@ def train(recipe: Recipe, console: Console | None = None, resume_at: str | None 
         return {"complete": True, "run_dir": str(run.path)}
     set_seed(recipe.train.seed)
     # 2. model, adapters, data, initial factors; a fresh run folder is written only once they load
-    setup = build(recipe, accelerator.device, accelerator.distributed_type.value)
+    setup = build(recipe, accelerator.device, accelerator.distributed_type.value, console)
     if resume_from is None:
         run.start()
     console.print(data_line(recipe, setup))
