@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Annotated, Any, get_args
 
 import typer
-from rich.console import Console
 from rich.text import Text
 
+from milora_cli import terminal
 from milora_cli.choices import DEFAULT_SHARD_SIZE
 from milora_cli.choices import Dtype as DtypeName
 from milora_cli.choices import MergeFormat as MergeFormatName
@@ -23,7 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
+console = terminal.console()
 
 
 @app.callback()
@@ -31,7 +31,7 @@ def _root() -> None:
     """Fine-tune LLMs with MiLoRA: LoRA adapters initialised from the minor singular components."""
 
 
-errors = Console(stderr=True)
+errors = terminal.console(stderr=True)
 
 
 def user_errors(command):

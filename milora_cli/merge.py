@@ -28,7 +28,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from milora_cli import adapter_folder, atomic, dtypes, models, outputs, shards
+from milora_cli import adapter_folder, atomic, dtypes, models, outputs, shards, terminal
 from milora_cli.errors import ExportError, ModelError
 from milora_cli.recipe import DEFAULT_SHARD_SIZE, Dtype, MergeFormat
 from milora_cli.runlog import versions
@@ -45,7 +45,7 @@ def merge(
     max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False, console: Console | None = None,
 ) -> Path:
     """Write the adapter at `adapter_path` merged into its base (or as a PEFT LoRA of it) to `output`."""
-    console = console or Console(quiet=True)
+    console = console or terminal.console(quiet=True)
     found = adapter_folder.open_adapter(adapter_path, "--adapter")
     folder, meta, layers, shapes = found.folder, found.meta, found.layers, found.shapes
     limit = parse_size(max_shard_size)
@@ -76,7 +76,7 @@ def merge(
         # A base converted by milora (the embedded GGUF model) is noted, not copied: the merge is not that file.
         "derived_from": json.loads(source.read_text()) if source and source.is_file() else None, "versions": versions(),
     }
-    with atomic.atomic_folder(output) as tmp:
+    with atomic.atomic_folder(output) as tmp, terminal.working(console, f"writing {output}"):
         if fmt == "peft":
             write_peft(tmp, found, name, revision, tensors, dtype)
             what = f"PEFT LoRA adapter of {name}"

@@ -77,6 +77,13 @@ def resolve(name_or_path: str, revision: str | None = None, code: bool = False) 
     return str(check_folder(path, name_or_path))
 
 
+def loading(name_or_path: str) -> str:
+    """What loading a model involves, said while it runs: the first use of an embedded model converts it."""
+    if name_or_path in EMBEDDED and not (_converted_folder(name_or_path) / SOURCE_FILE).is_file():
+        return f"converting {name_or_path} from its GGUF file into {_converted_folder(name_or_path)} (once), then loading it"
+    return f"loading {name_or_path}"
+
+
 def is_hub(name_or_path: str) -> bool:
     """True for a hub id, false for an embedded model or a local path."""
     return name_or_path not in EMBEDDED and not locate.is_local(name_or_path)
@@ -106,7 +113,7 @@ def check_folder(path: Path, name: str) -> Path:
 def embedded_folder(name: str) -> Path:
     """The converted folder of an embedded model, converting it on first use (atomically)."""
     spec = EMBEDDED[name]
-    folder = cache_root() / "models" / name
+    folder = _converted_folder(name)
     if (folder / SOURCE_FILE).is_file():
         return folder
     found = importlib.util.find_spec(spec.package)  # finds the wheel without running its __init__
@@ -117,6 +124,10 @@ def embedded_folder(name: str) -> Path:
         raise ModelError(f"{gguf_dir / spec.gguf_file} is missing; reinstall with: {spec.install}")
     _convert_gguf(gguf_dir, spec, folder)
     return folder
+
+
+def _converted_folder(name: str) -> Path:
+    return cache_root() / "models" / name
 
 
 def _convert_gguf(gguf_dir: Path, spec: EmbeddedModel, folder: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,15 @@ BenchmarkTask = Literal[
     "gsm8k", "math", "math500", "wikitext",
 ]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "comet", "none"]  # as HF's report_to; training/trackers.py
+
+
+class _Yaml12(yaml.SafeLoader):
+    """Recipes and overrides are read with YAML 1.2's booleans, true/false only: YAML 1.1 (PyYAML's default) also reads
+    on/off/yes/no as booleans, which refused `packing: off` and `mixed_precision: no`. A bool field still takes those
+    words (pydantic reads them as booleans)."""
+
+    yaml_implicit_resolvers = {first: [(tag, re.compile("^(?:true|True|TRUE|false|False|FALSE)$") if tag.endswith(":bool") else regexp)
+                                       for tag, regexp in resolvers] for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
 class _Section(BaseModel):
@@ -237,7 +247,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
     try:
-        raw = yaml.safe_load(atomic.read_text(path, RecipeError)) or {}
+        raw = yaml.load(atomic.read_text(path, RecipeError), Loader=_Yaml12) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -250,7 +260,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Set `a.b.c=value` in the nested dict; the value is parsed as YAML (1e-4, true, [q_proj, v_proj])."""
+    """Set `a.b.c=value` in the nested dict; the value is parsed as recipe YAML (1e-4, true, off, [q_proj, v_proj])."""
     key, sep, text = override.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise RecipeError(f"override '{override}' is not of the form section.key=value")
@@ -262,7 +272,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             raise RecipeError(f"override '{override}': '{part}' is a value, not a section")
         node = child
     try:
-        node[leaf] = yaml.safe_load(text) if text else None
+        node[leaf] = yaml.load(text, Loader=_Yaml12) if text else None
     except yaml.YAMLError:
         node[leaf] = text
 

@@ -1,12 +1,15 @@
 """Recipe validation, overrides and error messages; every recipe shipped in recipes/ validates."""
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from milora_cli.errors import RecipeError
-from milora_cli.recipe import apply_override, dump_recipe, load_recipe, validate
+from milora_cli.recipe import Recipe, apply_override, dump_recipe, load_recipe, validate
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.y*ml"))
 MINIMAL = {"data": {"builtin": "quickstart"}}
@@ -94,3 +97,62 @@ def test_yaml_errors_are_one_line(tmp_path):
         load_recipe(path)
     with pytest.raises(RecipeError, match="recipe not found"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def _sections() -> Iterator[tuple[str, type[BaseModel]]]:
+    for name, field in Recipe.model_fields.items():
+        assert isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel), name
+        yield name, field.annotation
+
+
+def _literal_values(annotation: Any, in_list: bool = False) -> Iterator[tuple[str, bool]]:
+    """Every value of every Literal inside an annotation (`Literal[...] | None`, `list[Literal[...]]`), with
+    whether it sits in a list."""
+    if get_origin(annotation) is Literal:
+        yield from ((value, in_list) for value in get_args(annotation))
+        return
+    for inner in get_args(annotation):
+        yield from _literal_values(inner, in_list or get_origin(annotation) is list)
+
+
+def _choices() -> list[tuple[str, str, str, bool]]:
+    return [(section, key, value, in_list) for section, model in _sections() for key, field in model.model_fields.items()
+            for value, in_list in _literal_values(field.annotation)]
+
+
+def _bool_fields() -> list[tuple[str, str]]:
+    return [(section, key) for section, model in _sections() for key, field in model.model_fields.items() if field.annotation is bool]
+
+
+def _recipe_file(path: Path, section: str, key: str, text: str) -> Path:
+    """A recipe file written by hand, so that `text` stands in it unquoted, as a user types it."""
+    sections = {"data": {"builtin": "quickstart"}}
+    sections.setdefault(section, {})[key] = text
+    path.write_text("".join(f"{name}:\n" + "".join(f"  {k}: {v}\n" for k, v in keys.items()) for name, keys in sections.items()))
+    return path
+
+
+def test_the_schema_walk_finds_the_choices_yaml_1_1_reads_as_booleans():
+    choices = {(section, key, value) for section, key, value, _ in _choices()}
+    assert {("data", "packing", "on"), ("data", "packing", "off"), ("train", "mixed_precision", "no")} <= choices
+    assert ("eval", "tasks", "boolq") in choices and ("adapter", "target_modules", "all-linear") in choices
+    assert {("data", "train_on_prompt"), ("output", "tensorboard")} <= set(_bool_fields())
+
+
+@pytest.mark.parametrize("section, key, value, in_list", _choices(), ids=lambda x: str(x))
+def test_every_choice_of_the_schema_loads_unquoted_from_a_file_and_an_override(tmp_path, section, key, value, in_list):
+    text = f"[{value}]" if in_list else value
+    expected = [value] if in_list else value
+    from_file = load_recipe(_recipe_file(tmp_path / "file.yaml", section, key, text))
+    from_override = load_recipe(_recipe_file(tmp_path / "minimal.yaml", "data", "builtin", "quickstart"), [f"{section}.{key}={text}"])
+    assert getattr(getattr(from_file, section), key) == expected
+    assert getattr(getattr(from_override, section), key) == expected
+
+
+@pytest.mark.parametrize("word, meaning", [("true", True), ("false", False), ("yes", True), ("no", False), ("on", True), ("off", False)])
+def test_boolean_fields_take_every_yaml_boolean_word(tmp_path, word, meaning):
+    for section, key in _bool_fields():
+        from_file = load_recipe(_recipe_file(tmp_path / "file.yaml", section, key, word))
+        from_override = load_recipe(_recipe_file(tmp_path / "minimal.yaml", "data", "builtin", "quickstart"), [f"{section}.{key}={word}"])
+        assert getattr(getattr(from_file, section), key) is meaning, (section, key)
+        assert getattr(getattr(from_override, section), key) is meaning, (section, key)

@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from milora_cli import adapter, adapter_folder, atomic, models, outputs, quantize
+from milora_cli import adapter, adapter_folder, atomic, models, outputs, quantize, terminal
 from milora_cli.evaluation import generate, tasks
 from milora_cli.errors import EvalError
 from milora_cli.ranks import ONE, Ranks, shared_rounds
@@ -46,7 +46,8 @@ def run(model_or_run: str, cfg: EvalConfig, output: Path, dtype: str | None, con
     outputs.claim(output, "eval", "--output", force, inputs=[source] if source.exists() else [])
     tasks.check_data(cfg.tasks, cfg.data_dir, "--data-dir")  # data first: a missing file fails before a model loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer, identity = load(model_or_run, dtype, device, console, quantized, base=base, trust=trust)
+    with terminal.working(console, models.loading(model_or_run)):
+        model, tokenizer, identity = load(model_or_run, dtype, device, console, quantized, base=base, trust=trust)
     return evaluate_model(model, tokenizer, cfg, output, identity, console)
 
 

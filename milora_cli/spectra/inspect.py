@@ -17,7 +17,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from milora_cli import adapter_folder, locate, outputs, shards
+from milora_cli import adapter_folder, locate, outputs, shards, terminal
 from milora_cli.errors import InspectError
 from milora_cli.merge import check_base
 from milora_cli.models import EMBEDDED, quantisation_note
@@ -39,14 +39,15 @@ def inspect(
     console: Console | None = None, base: str | None = None,
 ) -> Inspection:
     """Analyse, print, and write the files asked for; returns the analysis."""
-    console = console or Console(quiet=True)
+    console = console or terminal.console(quiet=True)
     if plot_path:
         require_matplotlib()
     start = time.perf_counter()
     for flag, path in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path)):
         if path:
             outputs.refuse_file(path, flag)
-    found = analyse(targets, modules, layers, rank, compare, base)
+    with terminal.working(console, f"singular values of {', '.join(targets)}"):
+        found = analyse(targets, modules, layers, rank, compare, base)
     seconds = time.perf_counter() - start
     show(found, compare or len(found.runs) > 1, seconds, console)
     for path, write in ((json_path, write_json), (csv_path, write_csv), (plot_path, write_plot)):

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from rich.console import Console
 
-from milora_cli import adapter, models, quantize
+from milora_cli import adapter, models, quantize, terminal
 from milora_cli.data import records, tokens
 from milora_cli.errors import RecipeError
 from milora_cli.evaluation import tasks
@@ -36,7 +36,8 @@ class Setup:
     model_path: str
 
 
-def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO", trust: models.Trust = models.UNTRUSTED) -> Setup:
+def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO", trust: models.Trust = models.UNTRUSTED,
+          console: Console | None = None) -> Setup:
     """Load the model and tokenizer, inject adapters (not yet initialised), tokenise the data.
 
     Everything the recipe names is checked here, before the run folder is written or a step trained. `trust`
@@ -46,9 +47,10 @@ def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO", t
     train_examples, val_examples = records.load_records(recipe.data, recipe.train.seed)  # first: no model load to fail after
     cfg = recipe.model
     quantize.check(cfg.quantize, cfg.dtype, torch.device(device).type, distributed)
-    path = models.resolve(cfg.name_or_path, cfg.revision, code=trust.remote_code)  # a local folder: fetched or cached
-    tokenizer = models.load_tokenizer(path, trust=trust)
-    model = quantize.load_model(path, cfg.dtype, cfg.quantize, trust=trust, device=device, attn_implementation=cfg.attn_implementation)
+    with terminal.working(console or terminal.console(quiet=True), models.loading(cfg.name_or_path)):
+        path = models.resolve(cfg.name_or_path, cfg.revision, code=trust.remote_code)  # a local folder: fetched or cached
+        tokenizer = models.load_tokenizer(path, trust=trust)
+        model = quantize.load_model(path, cfg.dtype, cfg.quantize, trust=trust, device=device, attn_implementation=cfg.attn_implementation)
     names = adapter.find_targets(model, recipe.adapter.target_modules)
     adapters = adapter.inject(model, names, recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout)
     args = (tokenizer, recipe.data.max_length, recipe.data.train_on_prompt)
@@ -64,7 +66,7 @@ def describe(recipe: Recipe, console: Console, trust: models.Trust = models.UNTR
     from rich.syntax import Syntax
 
     console.print(Syntax(dump_recipe(recipe), "yaml", theme="ansi_dark"))
-    setup = build(recipe, "cpu", trust=trust)
+    setup = build(recipe, "cpu", trust=trust, console=console)
     trainable, total = adapter.count_parameters(setup.model)
     console.print(data_line(recipe, setup))
     console.print("first training example (dim: prompt, no loss; [bold green]green[/]: trained tokens):")

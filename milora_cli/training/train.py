@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from rich.console import Console
 
+from milora_cli import terminal
 from milora_cli.data import tokens
 from milora_cli.models import UNTRUSTED, Trust
 from milora_cli.errors import RecipeError
@@ -68,7 +69,7 @@ def train(recipe: Recipe, console: Console | None = None, resume_at: str | None 
     trackers.check_installed(recipe.output.report_to)  # before the model loads
     accelerator = _accelerator(recipe.train.mixed_precision, recipe.model.dtype, recipe.output.report_to, Path(recipe.output.dir))
     ranks = Ranks.of(accelerator)
-    console = console if (console is not None and ranks.main) else Console(quiet=not ranks.main)
+    console = console if (console is not None and ranks.main) else terminal.console(quiet=not ranks.main)
     run = run_dir.RunDir(Path(recipe.output.dir), dump_recipe(recipe), ranks.main)
     accumulation = distributed.accumulation_steps(recipe.train, ranks.world)  # a bad global batch fails here
     # 1. the run folder: a fresh run, a resume, or nothing left to do
@@ -77,7 +78,7 @@ def train(recipe: Recipe, console: Console | None = None, resume_at: str | None 
         return {"complete": True, "run_dir": str(run.path)}
     set_seed(recipe.train.seed)
     # 2. model, adapters, data, initial factors; a fresh run folder is written only once they load
-    setup = build(recipe, accelerator.device, accelerator.distributed_type.value, trust)
+    setup = build(recipe, accelerator.device, accelerator.distributed_type.value, trust, console)
     if resume_from is None:
         run.start()
     console.print(data_line(recipe, setup))
