@@ -44,10 +44,7 @@ def merge(
     adapter_path: Path, output: Path, *, base: str | None = None, fmt: MergeFormat = "merged", dtype: Dtype | None = None,
     max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False, console: Console | None = None, rank: int | None = None,
 ) -> Path:
-    """Write the adapter at `adapter_path` merged into its base (or as a PEFT LoRA of it) to `output`.
-
-    `rank`: a PEFT export's rank, each layer's dW compressed to it by SVD (serving.py).
-    """
+    """Write the adapter at `adapter_path` merged into its base (or as a PEFT LoRA of it, of `rank` if given) to `output`."""
     console = console or Console(quiet=True)
     if rank is not None and fmt != "peft":
         raise ExportError(f"--rank {rank} sets the rank of a PEFT LoRA; add --format peft (a merged folder has no rank)")
@@ -81,11 +78,7 @@ def merge(
     }
     with atomic.atomic_folder(output) as tmp:
         if fmt == "peft":
-            written, compression = write_peft(tmp, found, name, revision, tensors, dtype, rank)
-            provenance["peft_r"] = written
-            if compression is not None:
-                provenance["compression"] = {"rank": compression.rank, "relative_error": compression.overall,
-                                             "relative_error_per_layer": compression.errors}
+            provenance |= write_peft(tmp, found, name, revision, tensors, dtype, rank)
             what = f"PEFT LoRA adapter of {name}"
         else:
             n_shards, provenance["dtype"] = write_merged(tmp, base_folder, tensors, found, dtype, limit)
@@ -93,9 +86,8 @@ def merge(
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
         (tmp / "README.md").write_text(_readme(provenance))
     console.print(f"{what} written to [bold]{output}[/]")
-    if fmt == "peft":
-        for line in serving.describe(provenance["peft_r"], compression, name, str(output)):
-            console.print(line, markup=False, highlight=False)
+    for line in serving.describe(provenance, str(output)) if fmt == "peft" else []:
+        console.print(line, markup=False, highlight=False)
     return output
 
 
@@ -191,10 +183,10 @@ def _copy_model_files(base_folder: Path, folder: Path, dtype: str) -> None:
 def write_peft(
     folder: Path, found: adapter_folder.Adapter, base: str, revision: str | None,
     tensors: dict[str, shards.TensorInfo] | None, dtype: str | None, rank: int | None = None,
-) -> tuple[int, serving.Compression | None]:
+) -> dict[str, Any]:
     """adapter_config.json + adapter_model.safetensors: a standard PEFT LoRA of the ORIGINAL base.
 
-    Returns the rank written and, with `rank`, the compression's errors.
+    Returns what milora_export.json adds: the rank written and, with `rank`, the compression's errors.
     """
     meta, layers = found.meta, found.layers
     # Plain LoRA and MiCA runs have B0 A0 = 0: the correction vanishes and the rank stays r.
@@ -204,11 +196,12 @@ def write_peft(
         A, B, _, _ = found.factors(layer)
         pairs[layer] = found.stacked(layer) if factor == 2 else (B, A)  # (out, r'), (r', in)
     r, alpha = meta["r"] * factor, meta["lora_alpha"] * factor
-    compression = None
+    added: dict[str, Any] = {}
     if rank is not None:
         # a rank above the update's keeps every component: written at the update's rank, exactly
         pairs, compression = serving.compress(pairs, min(rank, r))
         r, alpha = compression.rank, meta["scaling"] * compression.rank  # the same scaling s = alpha / r
+        added["compression"] = {"rank": r, "relative_error": compression.overall, "relative_error_per_layer": compression.errors}
     weights = {}
     for layer, (B, A) in pairs.items():
         for part, value in (("A", A), ("B", B)):
@@ -223,7 +216,7 @@ def write_peft(
     }
     save_file(weights, folder / PEFT_WEIGHTS, metadata={"format": "pt"})
     (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
-    return r, compression
+    return {"peft_r": r, **added}
 
 
 def peft_targets(layers: list[str], tensors: dict[str, shards.TensorInfo] | None) -> list[str]:

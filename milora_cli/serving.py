@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -43,11 +44,6 @@ class Compression:
     errors: dict[str, float]
     overall: float
 
-    @property
-    def worst(self) -> tuple[str, float]:
-        layer = max(self.errors, key=self.errors.__getitem__)
-        return layer, self.errors[layer]
-
 
 def compress(factors: dict[str, Factors], rank: int) -> tuple[dict[str, Factors], Compression]:
     """Each layer's B A at `rank` (float64 SVD, factors returned in float64), and the errors that cost."""
@@ -64,14 +60,15 @@ def compress(factors: dict[str, Factors], rank: int) -> tuple[dict[str, Factors]
     return compressed, Compression(rank, errors, overall)
 
 
-def describe(rank: int, compression: Compression | None, base: str, output: str) -> list[str]:
-    """What `merge --format peft` tells the user: the compression's error, and how to serve the export."""
-    lines = []
-    if compression is not None:
-        layer, worst = compression.worst
+def describe(export: dict[str, Any], output: str) -> list[str]:
+    """What `merge --format peft` tells the user, from its milora_export.json: the compression's error, how to serve."""
+    rank, lines = export["peft_r"], []
+    if "compression" in export:
+        errors = export["compression"]["relative_error_per_layer"]
+        worst = max(errors, key=errors.__getitem__)
         lines.append(
             f"dW compressed to rank {rank} by SVD: relative error ||dW - dW_{rank}||_F / ||dW||_F "
-            f"{_percent(compression.overall)} over all layers, worst {_percent(worst)} ({layer})"
+            f"{_percent(export['compression']['relative_error'])} over all layers, worst {_percent(errors[worst])} ({worst})"
         )
     allowed = vllm_max_lora_rank(rank)
     if allowed is None:
@@ -81,7 +78,7 @@ def describe(rank: int, compression: Compression | None, base: str, output: str)
         )
     else:
         lines.append(
-            f"rank {rank}: serve with vLLM as `vllm serve {base} --enable-lora --lora-modules NAME={output} "
+            f"rank {rank}: serve with vLLM as `vllm serve {export['base_model']} --enable-lora --lora-modules NAME={output} "
             f"--max-lora-rank {allowed}`"
         )
     return lines

@@ -139,7 +139,7 @@ def milora_run(tiny_model_dir, tiny_data, tmp_path_factory) -> Path:
 def test_vllm_rank_is_the_smallest_allowed_value_at_least_the_rank():
     for rank, expected in ((1, 1), (2, 8), (8, 8), (9, 16), (33, 64), (64, 64), (257, 320), (321, 512), (512, 512), (513, None)):
         assert serving.vllm_max_lora_rank(rank) == expected
-    text = "\n".join(serving.describe(640, None, "BASE", "out/peft"))
+    text = "\n".join(serving.describe({"peft_r": 640, "base_model": "BASE"}, "out/peft"))
     assert "above vLLM's largest --max-lora-rank (512)" in text and "--rank 512" in text
 
 
