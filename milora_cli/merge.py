@@ -87,7 +87,7 @@ def merge(
         (tmp / "README.md").write_text(_readme(provenance))
     console.print(f"{what} written to [bold]{output}[/]")
     for line in serving.describe(provenance, str(output)) if fmt == "peft" else []:
-        console.print(line, markup=False, highlight=False)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)  # a command to copy: never wrapped
     return output
 
 
