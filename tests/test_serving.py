@@ -121,6 +121,12 @@ def written_delta(config: dict, weights: dict[str, torch.Tensor], layer: str) ->
     return config["lora_alpha"] / config["r"] * (weights[f"{key}.lora_B.weight"].double() @ weights[f"{key}.lora_A.weight"].double())
 
 
+def factor_size(found: adapter_folder.Adapter, layer: str) -> float:
+    """s ||B'||_F ||A'||_F of the export's rank-2r factors: the scale of a float64 computation's rounding of dW."""
+    B, A = found.stacked(layer)
+    return found.meta["scaling"] * float(torch.linalg.norm(B.double())) * float(torch.linalg.norm(A.double()))
+
+
 # float64 forwards of the same 2-layer model that differ only in where roundings fall (W + dW merged, against W x
 # + s B (A x) in PEFT): each matmul of inner length n <= 64 is within n eps64 ~ 1.4e-14 of exact, relative.
 # 1e-10 on the logits leaves four orders of magnitude for the few layers they pass through.
@@ -167,9 +173,10 @@ def test_rank_2r_or_more_is_the_uncompressed_export(milora_run, tmp_path):
         assert config["r"] == 8 and config["lora_alpha"] == 8 and printed_max_lora_rank(text) == 8
         for layer in found.layers:
             exact = found.delta(layer, torch.float64)
-            # QR and SVD are backward stable: the recomposed product is within a small multiple of
-            # eps64 ||B||_F ||A||_F = eps64 * sum(S) <= eps64 sqrt(8) ||dW||_F of dW; 1000 eps64 covers the constant.
-            assert torch.linalg.norm(written_delta(config, weights, layer) - exact) <= 1000 * 2**-52 * torch.linalg.norm(exact)
+            # QR and SVD are backward stable: the recomposed product is within a small multiple of eps64 times the
+            # factors' size s ||B'||_F ||A'||_F (which may exceed ||dW||: B A and B0 A0 nearly cancel early in
+            # training); 1000 eps64 covers the constant for these 8-column factors.
+            assert torch.linalg.norm(written_delta(config, weights, layer) - exact) <= 1000 * 2**-52 * factor_size(found, layer)
         compression = json.loads((folder / merge.PROVENANCE_FILE).read_text())["compression"]
         assert compression["relative_error"] <= 1e-15  # no component dropped: only rounding in the singular values
         assert rel(float64_logits(peft_float64(folder), ids), reference) <= FLOAT64_LOGITS
@@ -189,10 +196,14 @@ def test_a_lower_rank_prints_the_error_it_has(milora_run, tmp_path):
     overall = math.sqrt(dropped / energy)
     assert overall > 1e-3  # rank 3 of a rank-8 update drops something: the comparison below can fail
     compression = json.loads((folder / merge.PROVENANCE_FILE).read_text())["compression"]
-    # Eckart-Young: the error of the best rank-3 approximation is exactly that of the dropped singular values; both
-    # sides are float64 computations of it (an SVD's singular values to ~eps64 ||dW||), so 1e-9 absolute is ample.
-    assert abs(compression["relative_error"] - overall) <= 1e-9
-    assert all(abs(compression["relative_error_per_layer"][layer] - measured[layer]) <= 1e-9 for layer in found.layers)
+    # Eckart-Young: the error of the best rank-3 approximation is exactly that of the dropped singular values. Both
+    # sides are float64 computations of it, each within a small multiple of eps64 s ||B'||_F ||A'||_F of exact
+    # (backward-stable QR and SVD); relative to ||dW|| that is 1000 eps64 times the layer's factor size / ||dW||.
+    slack = {layer: 1000 * 2**-52 * factor_size(found, layer) / float(torch.linalg.norm(found.delta(layer, torch.float64)))
+             for layer in found.layers}
+    assert max(slack.values()) < 1e-6  # the bound is tight enough to tell a wrong error from a right one
+    assert abs(compression["relative_error"] - overall) <= max(slack.values())
+    assert all(abs(compression["relative_error_per_layer"][layer] - measured[layer]) <= slack[layer] for layer in found.layers)
     worst = max(measured, key=measured.__getitem__)
     line = next(line for line in text.splitlines() if "compressed to rank 3" in line)
     numbers = [float(value) / 100 for value in re.findall(r"([\d.e+-]+)%", line)]
