@@ -1,11 +1,12 @@
-"""LoRA vs PiSSA vs MiLoRA side by side on smollm2-135m, same data, same budget, one table.
+"""LoRA vs PiSSA vs MiLoRA vs MiCA side by side on smollm2-135m, same data, same budget, one table.
 
 1. Training data: a seeded sample of --per-set examples from each of the four commonsense train sets in
    ../shared/data (BoolQ, ARC-Easy, ARC-Challenge, OpenBookQA; the Commonsense170K format), shuffled.
 2. The base model is scored first: the eight commonsense test sets (first --limit examples of each,
    greedy, the paper's first-match protocol) and WikiText-2 test loss (first --windows windows of 1024).
 3. Each init trains with identical settings (the paper's rank-relative alpha: 2r for LoRA, r for
-   PiSSA/MiLoRA; same lr, steps, batch, seed) and its run dir is scored the same way, unmerged.
+   PiSSA/MiLoRA; 2r for MiCA, milora's default; same lr, steps, batch, seed) and its run dir is scored the
+   same way, unmerged. MiCA trains A only (B is the frozen minor left singular vectors), as PEFT's.
 4. One table: accuracy per set, the average, WikiText loss and perplexity before (base) and after.
 
 The default budget (--steps 60 of batch 8, 120 examples per set, 480 in all: one pass) is sized so the whole script takes
@@ -31,7 +32,7 @@ from milora_cli.recipe import eval_settings, validate
 from milora_cli.training.train import train
 
 TRAIN_SETS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
-INITS = ("lora", "pissa", "milora")
+INITS = ("lora", "pissa", "milora", "mica")
 
 
 def training_file(data_dir: Path, per_set: int, seed: int, path: Path) -> int:
@@ -49,7 +50,7 @@ def training_file(data_dir: Path, per_set: int, seed: int, path: Path) -> int:
 def recipe(init: str, data_path: Path, run_dir: Path, args: argparse.Namespace):
     return validate({
         "model": {"name_or_path": "smollm2-135m", "dtype": "fp32"},
-        "adapter": {"init": init, "r": args.r, "dropout": 0.05},  # alpha: 2r for lora, r otherwise (the paper's)
+        "adapter": {"init": init, "r": args.r, "dropout": 0.05},  # alpha: r for milora/pissa (the paper's), 2r for lora/mica
         "data": {"path": str(data_path), "val_size": 0, "max_length": 256},
         "train": {"max_steps": args.steps, "lr": args.lr, "micro_batch_size": 8, "warmup_steps": 10,
                   "scheduler": "linear", "eval_every": None, "log_every": 10, "seed": args.seed},
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=50, help="test examples per commonsense set")
     parser.add_argument("--windows", type=int, default=16, help="WikiText-2 test windows of 1024 tokens")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--inits", default=",".join(INITS), help="comma-separated inits to train, of " + ", ".join(INITS))
     args = parser.parse_args()
     console = Console()
     start = time.perf_counter()
@@ -87,7 +89,7 @@ def main() -> None:
     console.print(f"training data: {n} examples ({args.per_set} from each of {', '.join(TRAIN_SETS)}) in {data_path}")
     summaries = {"base": score("smollm2-135m", args.out / "eval-base", args, console)}
     timings = {"base": time.perf_counter() - start}
-    for init in INITS:
+    for init in args.inits.split(","):
         began = time.perf_counter()
         run_dir = args.out / init
         train(recipe(init, data_path, run_dir, args), console)

@@ -24,6 +24,8 @@ from milora_cli.recipe import Init, SvdDriver, SvdDtype
 
 ALL_LINEAR = "all-linear"
 _SVD_COMPONENTS: dict[str, svd.Components] = {"milora": "minor", "pissa": "principal"}
+# Inits whose B stays B0: MiCA trains A only (PEFT's MiCALinearVariant registers lora_B as frozen).
+FROZEN_B: frozenset[str] = frozenset({"mica"})
 
 
 class InputDropout(nn.Module):
@@ -84,7 +86,7 @@ class MiloraLinear(nn.Module):
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
         self.register_buffer("lora_A0", torch.zeros(r, in_features, device=device))
         self.register_buffer("lora_B0", torch.zeros(out_features, r, device=device))
-        self.has_correction = False  # False while B0 A0 == 0 (the plain LoRA init)
+        self.has_correction = False  # False while B0 A0 == 0 (the plain LoRA and MiCA inits)
 
     def set_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, initial: bool = True) -> None:
         """Load factors; `initial` also makes them the frozen B0, A0 the correction subtracts."""
@@ -94,7 +96,7 @@ class MiloraLinear(nn.Module):
             if initial:
                 self.lora_A0.copy_(lora_A)
                 self.lora_B0.copy_(lora_B)
-                self.has_correction = bool(self.lora_B0.any())
+                self.has_correction = bool(self.lora_B0.any()) and bool(self.lora_A0.any())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -155,6 +157,13 @@ def inject(model: nn.Module, names: Iterable[str], r: int, lora_alpha: float, lo
     return adapters
 
 
+def set_trainable(adapters: dict[str, MiloraLinear], init: Init) -> None:
+    """Which factors train: A and B, or A alone for the inits in FROZEN_B (B stays B0)."""
+    for layer in adapters.values():
+        layer.lora_A.weight.requires_grad_(True)
+        layer.lora_B.weight.requires_grad_(init not in FROZEN_B)
+
+
 def initial_factors(
     layer: MiloraLinear,
     init: Init,
@@ -163,7 +172,7 @@ def initial_factors(
     generator: torch.Generator | None = None,
     weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A0, B0) of one layer: SVD components for milora/pissa, Kaiming-uniform A and zero B for lora.
+    """(A0, B0) of one layer: SVD components for milora/pissa/mica, Kaiming-uniform A and zero B for lora.
 
     `weight`: the full-precision weight to decompose when the layer's own is quantized (quantize.py).
     """
@@ -175,6 +184,8 @@ def initial_factors(
         lora_A.uniform_(-bound, bound, generator=generator)
         return lora_A, torch.zeros(out_features, layer.r)
     weight = layer.base_layer.weight if weight is None else weight
+    if init == "mica":
+        return svd.mica_factors(weight, layer.r, svd_dtype, svd_driver)
     return svd.init_factors(weight, layer.r, layer.scaling, _SVD_COMPONENTS[init], svd_dtype, svd_driver)
 
 
@@ -190,6 +201,7 @@ def initialise(
     for _name, layer in adapters.items():
         lora_A, lora_B = initial_factors(layer, init, svd_dtype, svd_driver, generator)
         layer.set_factors(lora_A, lora_B)
+    set_trainable(adapters, init)
 
 
 def adapter_tensors(adapters: dict[str, MiloraLinear]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -89,8 +89,8 @@ class Adapter:
 
     @property
     def has_correction(self) -> bool:
-        """False for plain LoRA (B0 = 0 everywhere): its update is s B A, rank r."""
-        return any(self.initial[key(layer, "B")].any() for layer in self.layers)
+        """False for plain LoRA (B0 = 0) and MiCA (A0 = 0): B0 A0 = 0 everywhere, the update is s B A, rank r."""
+        return any(self.initial[key(layer, "B")].any() and self.initial[key(layer, "A")].any() for layer in self.layers)
 
 
 def sha256(data: bytes) -> str:

@@ -144,12 +144,18 @@ def merge(
     ] = None,
     max_shard_size: Annotated[str, typer.Option(help="Largest weight file of a merged folder, e.g. 5GB, 500MB.")] = DEFAULT_SHARD_SIZE,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --output folder, once the new one is complete.")] = False,
+    rank: Annotated[
+        int | None,
+        typer.Option(min=1, help="--format peft: compress each layer's update to this rank by SVD (the error is printed). "
+                     "Default: the update's own rank (2r for milora/pissa).", show_default=False),
+    ] = None,
 ) -> None:
     """Merge a trained adapter into the ORIGINAL base model, or export it as a plain PEFT LoRA of that base."""
     from milora_cli.merge import merge as run_merge
 
     run_merge(
-        adapter, output, base=base, fmt=fmt.value, dtype=dtype.value if dtype else None, max_shard_size=max_shard_size, force=force, console=console
+        adapter, output, base=base, fmt=fmt.value, dtype=dtype.value if dtype else None, max_shard_size=max_shard_size, force=force, console=console,
+        rank=rank,
     )
 
 

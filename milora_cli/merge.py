@@ -28,7 +28,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from milora_cli import adapter_folder, atomic, dtypes, models, outputs, shards, terminal
+from milora_cli import adapter_folder, atomic, dtypes, models, outputs, serving, shards, terminal
 from milora_cli.errors import ExportError, ModelError
 from milora_cli.recipe import DEFAULT_SHARD_SIZE, Dtype, MergeFormat
 from milora_cli.runlog import versions
@@ -42,10 +42,12 @@ _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB
 
 def merge(
     adapter_path: Path, output: Path, *, base: str | None = None, fmt: MergeFormat = "merged", dtype: Dtype | None = None,
-    max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False, console: Console | None = None,
+    max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False, console: Console | None = None, rank: int | None = None,
 ) -> Path:
-    """Write the adapter at `adapter_path` merged into its base (or as a PEFT LoRA of it) to `output`."""
+    """Write the adapter at `adapter_path` merged into its base (or as a PEFT LoRA of it, of `rank` if given) to `output`."""
     console = console or terminal.console(quiet=True)
+    if rank is not None and fmt != "peft":
+        raise ExportError(f"--rank {rank} sets the rank of a PEFT LoRA; add --format peft (a merged folder has no rank)")
     found = adapter_folder.open_adapter(adapter_path, "--adapter")
     folder, meta, layers, shapes = found.folder, found.meta, found.layers, found.shapes
     limit = parse_size(max_shard_size)
@@ -78,7 +80,7 @@ def merge(
     }
     with atomic.atomic_folder(output) as tmp, terminal.working(console, f"writing {output}"):
         if fmt == "peft":
-            write_peft(tmp, found, name, revision, tensors, dtype)
+            provenance |= write_peft(tmp, found, name, revision, tensors, dtype, rank)
             what = f"PEFT LoRA adapter of {name}"
         else:
             n_shards, provenance["dtype"] = write_merged(tmp, base_folder, tensors, found, dtype, limit)
@@ -86,6 +88,8 @@ def merge(
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
         (tmp / "README.md").write_text(_readme(provenance))
     console.print(f"{what} written to [bold]{output}[/]")
+    for line in serving.describe(provenance, str(output)) if fmt == "peft" else []:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)  # a command to copy: never wrapped
     return output
 
 
@@ -183,23 +187,33 @@ def _copy_model_files(base_folder: Path, folder: Path, dtype: str) -> None:
 
 def write_peft(
     folder: Path, found: adapter_folder.Adapter, base: str, revision: str | None,
-    tensors: dict[str, shards.TensorInfo] | None, dtype: str | None,
-) -> None:
-    """adapter_config.json + adapter_model.safetensors: a standard PEFT LoRA of the ORIGINAL base."""
+    tensors: dict[str, shards.TensorInfo] | None, dtype: str | None, rank: int | None = None,
+) -> dict[str, Any]:
+    """adapter_config.json + adapter_model.safetensors: a standard PEFT LoRA of the ORIGINAL base.
+
+    Returns what milora_export.json adds: the rank written and, with `rank`, the compression's errors.
+    """
     meta, layers = found.meta, found.layers
-    # Plain LoRA runs have B0 = 0: the correction vanishes and the rank stays r.
+    # Plain LoRA and MiCA runs have B0 A0 = 0: the correction vanishes and the rank stays r.
     factor = 2 if found.has_correction else 1
-    weights = {}
+    pairs: dict[str, serving.Factors] = {}
     for layer in layers:
         A, B, _, _ = found.factors(layer)
-        if factor == 2:
-            B, A = found.stacked(layer)  # (out, 2r), (2r, in)
+        pairs[layer] = found.stacked(layer) if factor == 2 else (B, A)  # (out, r'), (r', in)
+    r, alpha = meta["r"] * factor, meta["lora_alpha"] * factor
+    added: dict[str, Any] = {}
+    if rank is not None:
+        # a rank above the update's keeps every component: written at the update's rank, exactly
+        pairs, compression = serving.compress(pairs, min(rank, r))
+        r, alpha = compression.rank, meta["scaling"] * compression.rank  # the same scaling s = alpha / r
+        added["compression"] = {"rank": r, "relative_error": compression.overall, "relative_error_per_layer": compression.errors}
+    weights = {}
+    for layer, (B, A) in pairs.items():
         for part, value in (("A", A), ("B", B)):
             weights["base_model.model." + adapter_folder.key(layer, part)] = value.to(dtypes.TORCH[dtype or "fp32"]).contiguous()
-    alpha = meta["lora_alpha"] * factor
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "revision": revision,
-        "r": meta["r"] * factor, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "r": r, "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": meta["lora_dropout"], "target_modules": peft_targets(layers, tensors), "bias": "none",
         "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
@@ -207,15 +221,21 @@ def write_peft(
     }
     save_file(weights, folder / PEFT_WEIGHTS, metadata={"format": "pt"})
     (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
+    return {"peft_r": r, **added}
 
 
-def peft_targets(layers: list[str], tensors: dict[str, shards.TensorInfo] | None) -> list[str] | str:
-    """The adapted layers' leaf names, or an exact regex when those names would also pick other layers."""
+def peft_targets(layers: list[str], tensors: dict[str, shards.TensorInfo] | None) -> list[str]:
+    """The adapted layers' leaf names, or their full names when the leaves would also pick other layers.
+
+    Always a list: SGLang accepts a list or "all"/"all-linear" only (sglang/srt/lora/utils.py,
+    get_normalized_target_modules, which keeps each name's last part); PEFT adapts a module whose name
+    equals a listed name or ends with "." + it, so full names pick exactly the adapted layers.
+    """
     leaves = sorted({layer.rsplit(".", 1)[-1] for layer in layers})
     if tensors is not None:
         modules = {name.removesuffix(".weight") for name in tensors if name.endswith(".weight")}
         if any(module.rsplit(".", 1)[-1] in leaves and module not in layers for module in modules):
-            return "^(" + "|".join(re.escape(layer) for layer in layers) + ")$"  # PEFT full-matches a str
+            return list(layers)
     return leaves
 
 
@@ -227,6 +247,13 @@ def _readme(provenance: dict[str, Any]) -> str:
         f"lora_alpha={provenance['lora_alpha']}) at {provenance['adapter']}, against the original base "
         f"`{provenance['base_model']}`. Details: {PROVENANCE_FILE}.",
     ]
+    if provenance["format"] == "peft":
+        rank, allowed = provenance["peft_r"], serving.vllm_max_lora_rank(provenance["peft_r"])
+        lines += ["", f"Rank {rank}. " + (
+            f"Serve it with vLLM: `vllm serve {provenance['base_model']} --enable-lora --lora-modules NAME=THIS_FOLDER "
+            f"--max-lora-rank {allowed}`." if allowed else
+            f"vLLM serves ranks up to {serving.VLLM_MAX_LORA_RANKS[-1]}: export again with `milora merge --format peft --rank K`."
+        )]
     if provenance["derived_from"]:
         source = provenance["derived_from"]
         lines += ["", f"The base derives from {source['gguf_file']}: {source['note']}."]

@@ -18,7 +18,7 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 # Common names from other tools, so that a misspelt key gets the right suggestion.
 _ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr", "tensorboard": "report_to"}
 # The choices the recipe and the CLI share (those the command line offers are defined in choices.py); modules import them from here.
-Init = Literal["milora", "pissa", "lora"]
+Init = Literal["milora", "pissa", "lora", "mica"]
 SvdDtype = Literal["float32", "float64"]
 SvdDriver = Literal["gram", "svd"]
 Packing = Literal["auto", "on", "off"]
@@ -70,11 +70,13 @@ class ModelConfig(_Section):
 
 class AdapterConfig(_Section):
     init: Init = Field(
-        "milora", description="milora: r minor singular components; pissa: r principal ones; lora: random A, zero B."
+        "milora",
+        description="milora: r minor singular components; pissa: r principal ones; lora: random A, zero B; "
+        "mica: B = the r minor left singular vectors (frozen), A = 0 (trains), as PEFT's init_lora_weights='mica'.",
     )
     r: int = Field(8, ge=1, le=8192, description="Adapter rank.")
     alpha: float | None = Field(
-        None, gt=0, description="LoRA alpha; the scaling is alpha / r. Default: r for milora/pissa, 2r for lora (the paper's)."
+        None, gt=0, description="LoRA alpha; the scaling is alpha / r. Default: r for milora/pissa (the paper's), 2r for lora (the paper's) and mica."
     )
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
@@ -88,7 +90,7 @@ class AdapterConfig(_Section):
     )
     cache_factors: bool = Field(
         True,
-        description="Keep milora/pissa initial factors under $MILORA_CACHE/factors, keyed by the weights' sha256, "
+        description="Keep milora/pissa/mica initial factors under $MILORA_CACHE/factors, keyed by the weights' sha256, "
         "so a rerun skips the decomposition.",
     )
 
@@ -107,7 +109,7 @@ class AdapterConfig(_Section):
     @model_validator(mode="after")
     def _default_alpha(self) -> AdapterConfig:
         if self.alpha is None:
-            object.__setattr__(self, "alpha", float(self.r if self.init != "lora" else 2 * self.r))
+            object.__setattr__(self, "alpha", float(self.r if self.init in ("milora", "pissa") else 2 * self.r))
         return self
 
 

@@ -146,6 +146,54 @@ def are_singular_pairs(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch
     return bool(((left <= bound) & (right <= bound)).all())
 
 
+def are_left_singular_vectors(weight: torch.Tensor, lora_B: torch.Tensor) -> bool:
+    """True when the columns b_i of MiCA's B0 (its A0 is 0, so `are_singular_pairs` has no S_i to test) are unit
+    left singular vectors of `weight`: |b_i| = 1 and W W^T b_i = l_i b_i with l_i = |W^T b_i|^2, both up to
+    FACTORS_TOLERANCE (relative to 1 and to ||W||_F^2: the same rounding and backward-error argument, squared)."""
+    W = weight.detach().to(torch.float64)  # (out, in)
+    B = lora_B.detach().to(W.device, torch.float64)  # (out, r)
+    G = W.T @ B  # (in, r)
+    eigen = (G * G).sum(dim=0)  # (r,)
+    residual = (W @ G - B * eigen).norm(dim=0)  # (r,)
+    unit = (B.norm(dim=0) - 1).abs() <= FACTORS_TOLERANCE
+    return bool((unit & (residual <= FACTORS_TOLERANCE * torch.linalg.matrix_norm(W) ** 2)).all())
+
+
+def mica_factors(weight: torch.Tensor, r: int, dtype: SvdDtype, driver: SvdDriver) -> tuple[torch.Tensor, torch.Tensor]:
+    """MiCA's (A0, B0), as PEFT's init_lora_weights="mica" (LoraLayer.mica_init):
+
+        B0 = U_r        the left singular vectors of the r SMALLEST singular values, no singular values
+        A0 = 0          (r x in)
+
+    so s B0 A0 = 0 whatever the scaling: the base is untouched, and only A trains (adapter.FROZEN_B).
+    """
+    chosen = components_of(weight, r, "minor", dtype, driver)
+    return chosen.U.new_zeros(r, weight.shape[1]), chosen.U  # (r, in), (out, r)
+
+
 def residual(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """W_res = W - s * B A, in the factors' precision (for analysis; training keeps W and a correction)."""
     return weight.to(lora_A.dtype) - scaling * (lora_B @ lora_A)  # (out, in)
+
+
+def truncate_product(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B_k, A_k, S): the best rank-k approximation B_k A_k of B A (Eckart-Young), and all singular values of B A.
+
+    With thin QRs B = Q_B R_B and A^T = Q_A R_A, B A = Q_B (R_B R_A^T) Q_A^T, so the SVD of the small core
+    R_B R_A^T = U diag(S) V^T is that of B A: B A = (Q_B U) diag(S) (Q_A V)^T, without forming B A. Then
+
+        B_k = Q_B U_k sqrt(S_k)        A_k = sqrt(S_k) V_k^T Q_A^T        ||B A - B_k A_k||_F^2 = sum_{i>k} S_i^2
+
+    B_k A_k == B A in exact arithmetic when k >= rank(B A). B_k and A_k have exactly k columns / rows: where
+    B A has fewer than k singular values, the missing ones are zero. Computed in the inputs' dtype.
+    """
+    Q_B, R_B = torch.linalg.qr(B)  # (out, m), (m, p)
+    Q_A, R_A = torch.linalg.qr(A.T)  # (in, n), (n, p)
+    U, S, Vh = torch.linalg.svd(R_B @ R_A.T, full_matrices=False)  # (m, q), (q,), (q, n)
+    kept = min(k, S.numel())
+    root = torch.sqrt(S[:kept])  # (kept,)
+    B_k = B.new_zeros(B.shape[0], k)
+    A_k = A.new_zeros(k, A.shape[1])
+    B_k[:, :kept] = (Q_B @ U[:, :kept]) * root[None, :]  # (out, kept)
+    A_k[:kept, :] = (root[:, None] * Vh[:kept, :]) @ Q_A.T  # (kept, in)
+    return B_k, A_k, S

@@ -31,7 +31,7 @@ def tokens(seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("init", ["milora", "pissa", "lora"])
+@pytest.mark.parametrize("init", ["milora", "pissa", "lora", "mica"])
 def test_fp32_logits_at_init_equal_the_base_model(init):
     x = tokens()
     base = tiny_llama()(x).logits
@@ -39,7 +39,7 @@ def test_fp32_logits_at_init_equal_the_base_model(init):
     assert rel_max_error(model(x).logits, base) <= 1e-5
 
 
-@pytest.mark.parametrize("init", ["milora", "pissa", "lora"])
+@pytest.mark.parametrize("init", ["milora", "pissa", "lora", "mica"])
 def test_bf16_logits_at_init_are_bit_identical(init):
     """bf16 base: the correction form computes B A x - B0 A0 x from equal values, so it is exactly 0."""
     x = tokens()
@@ -80,17 +80,21 @@ def test_bf16_residual_form_would_not_be_exact():
     assert rel_max_error(base(x).logits, reference) > 1e-4
 
 
-def test_only_adapter_factors_receive_gradients():
-    model, layers = adapted("milora", dropout=0.1)
+@pytest.mark.parametrize("init", ["milora", "mica"])
+def test_only_adapter_factors_receive_gradients(init):
+    """milora: A and B train; mica: A only (B stays the frozen minor singular vectors, as in PEFT)."""
+    model, layers = adapted(init, dropout=0.1)
     model.train()
     model(tokens(), labels=tokens()).loss.backward()
+    trained = ("lora_A.weight",) if init == "mica" else ("lora_A.weight", "lora_B.weight")
     for name, param in model.named_parameters():
-        is_factor = name.endswith(("lora_A.weight", "lora_B.weight"))
+        is_factor = name.endswith(trained)
         assert param.requires_grad == is_factor, name
         assert (param.grad is not None) == is_factor, name
     assert all(not buffer.requires_grad for name, buffer in model.named_buffers() if "lora_" in name)
     trainable, total = adapter.count_parameters(model)
-    assert trainable == sum(4 * (layer.lora_A.in_features + layer.lora_B.out_features) for layer in layers.values())
+    per_layer = [layer.lora_A.in_features + (layer.lora_B.out_features if init != "mica" else 0) for layer in layers.values()]
+    assert trainable == 4 * sum(per_layer)
 
 
 def test_input_dropout_zeroes_p_and_scales_the_rest_like_torch():
@@ -133,7 +137,7 @@ def perturb(layers: dict, seed: int = 3) -> None:
             layer.lora_B.weight.add_(0.05 * torch.randn(layer.lora_B.weight.shape, generator=generator))
 
 
-@pytest.mark.parametrize("init", ["milora", "pissa", "lora"])
+@pytest.mark.parametrize("init", ["milora", "pissa", "lora", "mica"])
 def test_merged_weights_give_the_adapted_forward(init):
     x = tokens()
     model, layers = adapted(init)
@@ -159,6 +163,62 @@ def test_lora_forward_matches_peft():
             target.lora_A["default"].weight.copy_(layer.lora_A.weight)
             target.lora_B["default"].weight.copy_(layer.lora_B.weight)
     assert rel_max_error(model(x).logits, reference(x).logits) <= 1e-5
+
+
+def smollm2_layer0(smollm2_path: str) -> torch.nn.Module:
+    """Four real SmolLM2-135M layer-0 projections, square-free shapes both ways (192x576, 1536x576, 576x1536)."""
+    from safetensors import safe_open
+
+    names = {"k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj"}
+    holder = torch.nn.Module()
+    with safe_open(f"{smollm2_path}/model.safetensors", "pt") as weights:
+        for short, name in names.items():
+            weight = weights.get_tensor(f"model.layers.0.{name}.weight").float()
+            linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+            linear.weight.data.copy_(weight)
+            setattr(holder, short, linear)
+    return holder
+
+
+def test_mica_factors_are_peft_mica(smollm2_path):
+    """PEFT's init_lora_weights="mica" (peft/tuners/lora/layer.py, LoraLayer.mica_init): torch.linalg.svd of
+    the float32 weight, lora_B = U[:, -r:] (no singular values), lora_A = 0, the base weight untouched."""
+    peft = pytest.importorskip("peft")
+    r = 8
+    reference = peft.get_peft_model(smollm2_layer0(smollm2_path), peft.LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=["k_proj", "v_proj", "up_proj", "down_proj"], init_lora_weights="mica"))
+    for driver, dtype in (("svd", "float32"), ("gram", "float64")):
+        holder = smollm2_layer0(smollm2_path)
+        layers = adapter.inject(holder, ["k_proj", "v_proj", "up_proj", "down_proj"], r, 2.0 * r, 0.0)
+        adapter.initialise(layers, "mica", dtype, driver, seed=0)
+        for name, layer in layers.items():
+            theirs = reference.base_model.model.get_submodule(name)
+            weight = theirs.base_layer.weight.detach()
+            assert torch.equal(layer.base_layer.weight, weight)  # neither modifies the base
+            assert not layer.lora_A0.any() and not theirs.lora_A["default"].weight.any()
+            B_peft = theirs.lora_B["default"].weight.detach()
+            if driver == "svd":  # the same LAPACK call on the same float32 weight: the same bits, signs included
+                assert torch.equal(layer.lora_B0, B_peft), name
+                continue
+            # milora's default (float64 Gram eigh) against PEFT's float32 SVD: the same subspace up to the float32
+            # SVD's error. Wedin: ||P - P'||_2 <= ||E||_2 / gap, gap = S_(k-r) - S_(k-r+1) between the kept block and
+            # the rest (float64 spectrum), ||E||_2 <= min(out, in) eps32 S_max (LAPACK's backward error, generously).
+            S = torch.linalg.svdvals(weight.double())
+            k = S.numel()
+            bound = min(weight.shape) * 2**-24 * S[0] / (S[k - r - 1] - S[k - r])
+            ours, peft_B = layer.lora_B0.double(), B_peft.double()
+            error = torch.linalg.matrix_norm(ours @ ours.T - peft_B @ peft_B.T, ord=2)
+            assert bound < 0.05 and error <= bound, (name, float(error), float(bound))
+
+
+def test_mica_trains_the_parameters_peft_trains():
+    """The same trainable set as get_peft_model(init_lora_weights="mica"): every lora_A, no lora_B."""
+    peft = pytest.importorskip("peft")
+    reference = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="mica"))
+    theirs = {name.removeprefix("base_model.model.").replace(".default", "") for name, p in reference.named_parameters() if p.requires_grad}
+    model, _ = adapted("mica")
+    ours = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert ours == theirs and all(name.endswith("lora_A.weight") for name in ours) and len(ours) == 2 * len(TARGETS)
 
 
 def test_adapter_tensors_round_trip():

@@ -263,6 +263,8 @@ CASES = [
          lambda w: eval_args(w, w.run, w.tmp / "e", "--base", w.wide), "trained on another model"),
     Case("messages: ran svd-inspect on the run with --base of another architecture",
          lambda w: ["svd-inspect", w.run, "--base", w.wide], "is not the architecture the adapter was trained on"),
+    Case("messages: asked merge for --rank without --format peft",
+         lambda w: ["merge", "--adapter", w.run, "--output", w.tmp / "m", "--rank", "4"], "add --format peft"),
     Case("messages: gave merge --base a data file", lambda w: ["merge", "--adapter", w.run, "--output", w.tmp / "m", "--base", w.data],
          "--base"),
     Case("messages: moved the base model away, evaluated the run with --base",

@@ -54,7 +54,7 @@ def test_unknown_key_names_it_and_the_closest_valid_key(tmp_path):
     [
         ("adapter.r=0", "adapter.r: Input should be greater than or equal to 1 (got 0)"),
         ("adapter.dropout=1.5", "adapter.dropout: Input should be less than 1"),
-        ("adapter.init=svd", "adapter.init: Input should be 'milora', 'pissa' or 'lora'"),
+        ("adapter.init=svd", "adapter.init: Input should be 'milora', 'pissa', 'lora' or 'mica'"),
         ("train.lr=-1", "train.lr: Input should be greater than 0"),
         ("train.lrr=1", "unknown key 'train.lrr'; did you mean 'train.lr'?"),
         ("model.dtype=fp8", "model.dtype: Input should be 'fp32', 'bf16' or 'fp16'"),

@@ -263,9 +263,11 @@ def test_an_output_dir_under_home_is_written_there_not_into_a_folder_named_tilde
     assert (home / "runs/x/adapter" / adapter_folder.META_FILE).is_file() and not (cwd / "~").exists()
 
 
-def test_a_poisoned_factor_cache_file_is_not_used(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("init", ["milora", "mica"])
+def test_a_poisoned_factor_cache_file_is_not_used(tiny_model_dir, tmp_path, monkeypatch, init):
+    """...and an honest one is (MiCA's A0 is 0: its B0 is checked on its own)."""
     monkeypatch.setenv("MILORA_CACHE", str(tmp_path / "cache"))
-    cfg = AdapterConfig(init="milora", r=4, target_modules=["q_proj"])
+    cfg = AdapterConfig(init=init, r=4, target_modules=["q_proj"])
 
     def adapted() -> dict[str, adapter.MiloraLinear]:
         model = models.load_model(tiny_model_dir, "fp32")
@@ -273,6 +275,7 @@ def test_a_poisoned_factor_cache_file_is_not_used(tiny_model_dir, tmp_path, monk
 
     honest = adapted()
     init_cache.initialise(honest, cfg, seed=0, use_cache=True)
+    assert (init_cache.initialise(adapted(), cfg, seed=0, use_cache=True).cached) == 2  # honest files are used
     for path in (tmp_path / "cache" / "factors").glob("*.safetensors"):  # same key, other factors: what a poisoner writes
         with safe_open(path, "pt") as opened:
             key = opened.metadata()["key"]

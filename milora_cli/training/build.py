@@ -53,6 +53,7 @@ def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO", t
         model = quantize.load_model(path, cfg.dtype, cfg.quantize, trust=trust, device=device, attn_implementation=cfg.attn_implementation)
     names = adapter.find_targets(model, recipe.adapter.target_modules)
     adapters = adapter.inject(model, names, recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout)
+    adapter.set_trainable(adapters, recipe.adapter.init)
     args = (tokenizer, recipe.data.max_length, recipe.data.train_on_prompt)
     train_set, val_set = tokens.build_dataset(train_examples, *args), tokens.build_dataset(val_examples, *args)
     if not train_set.examples:

@@ -75,7 +75,10 @@ def read_cached(path: Path, key: str, layer: adapter.MiloraLinear, weight: torch
         return None
     if lora_A.shape != layer.lora_A0.shape or lora_B.shape != layer.lora_B0.shape:
         return None
-    if not svd.are_singular_pairs(weight, lora_A, lora_B, layer.scaling):
+    mica = "|init=mica|" in key  # A0 = 0: only B0's columns can be checked
+    if mica and (lora_A.any() or not svd.are_left_singular_vectors(weight, lora_B)):
+        return None
+    if not mica and not svd.are_singular_pairs(weight, lora_A, lora_B, layer.scaling):
         return None
     return lora_A, lora_B
 
