@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 
+from milora_cli import runlock
 from milora_cli.data import tokens
 from milora_cli.errors import RecipeError
 from milora_cli.ranks import Ranks
@@ -67,6 +68,12 @@ def train(recipe: Recipe, console: Console | None = None, resume_at: str | None 
     accelerator = _accelerator(recipe.train.mixed_precision, recipe.model.dtype)
     ranks = Ranks.of(accelerator)
     console = console if (console is not None and ranks.main) else Console(quiet=not ranks.main)
+    with runlock.hold(Path(recipe.output.dir), ranks):  # one writer per run folder, for the whole run (runlock.py)
+        return _train(recipe, accelerator, ranks, console, resume_at)
+
+
+def _train(recipe: Recipe, accelerator: Accelerator, ranks: Ranks, console: Console, resume_at: str | None) -> dict[str, Any]:
+    """train() with the run folder locked."""
     run = run_dir.RunDir(Path(recipe.output.dir), dump_recipe(recipe), ranks.main)
     accumulation = distributed.accumulation_steps(recipe.train, ranks.world)  # a bad global batch fails here
     # 1. the run folder: a fresh run, a resume, or nothing left to do
