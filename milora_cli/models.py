@@ -171,11 +171,11 @@ def load_model(
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelError(f"cannot load model '{path}': {first_line(error)}") from None
     if dtype == "fp64":
-        _float64_norms(model)
+        float64_norms(model)
     return model.eval()
 
 
-def _float64_norms(model: torch.nn.Module) -> None:
+def float64_norms(model: torch.nn.Module) -> None:
     """Make the RMSNorm layers compute in float64. transformers' Llama-family RMSNorm computes in float32 whatever
     its input (an upcast meant for 16-bit models): in a float64 model it would round every normalised hidden
     state to float32, and two float64 runs that agree to 1e-16 would differ by float32's 6e-8 wherever a value
