@@ -163,8 +163,9 @@ def test_two_gloo_processes_train_a_4_bit_base_as_one_process_with_twice_the_bat
     tolerance either. Each of 2 processes runs micro-batches of 2; one process accumulating 2 micro-batches of 2 (the
     same ones, with the same thread count) runs the same kernels on the same inputs; DDP's gradient is then
     (g0 * 2/n) / 2 + (g1 * 2/n) / 2 and the accumulated one g0/n + g1/n: scalings by powers of two, exact, and one
-    addition, commutative. So the adapters are equal bit for bit on any CPU."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    addition, commutative. So the adapters are equal bit for bit on any CPU. (MKL_CBWR=AUTO,STRICT: MKL's GEMMs give
+    the same bits whatever the memory alignment of the two processes' tensors.)"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
     runs = {}
     for name, world, accumulation in (("two", 2, 1), ("one", 1, 2)):
         recipe = tmp_path / f"{name}.yaml"
