@@ -3,6 +3,7 @@ at once naming the holder; the first is undisturbed; a lock left by kill -9 does
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -132,3 +133,18 @@ def test_the_lock_is_released_when_the_command_fails_and_is_taken_by_one_holder_
     with runlock.hold(folder):  # free again
         pass
     assert runlock.lock_path(folder) == tmp_path / ".out.lock" and not folder.exists()
+
+
+def test_under_torchrun_the_main_process_holds_the_lock_and_every_rank_is_refused_alike(tiny_model_dir, tiny_data, tmp_path):
+    """A 2-process job on a folder in use: the main process's refusal reaches the other rank (one collective), so
+    no rank writes, and each says why."""
+    out = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe(tiny_model_dir, tiny_data, out, max_steps=1)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "milora_cli", "train", str(recipe)]
+    with runlock.hold(out):
+        result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and not out.exists()
+    said = " ".join(result.stderr.split())
+    assert said.count(f"error: {out} is in use by process {os.getpid()} on {socket.gethostname()}") == 2, result.stderr[-3000:]
+    assert re.search(r"exitcode\s*:\s*2\b", result.stderr)  # torchrun's report of the failed ranks (with its own traceback)
