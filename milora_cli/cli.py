@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, get_args
@@ -83,15 +85,22 @@ def train(
     ] = None,
 ) -> None:
     """Train a MiLoRA / PiSSA / LoRA adapter from a recipe. An existing run dir of the same recipe resumes."""
+    from milora_cli import runlock
     from milora_cli.recipe import load_recipe
-    from milora_cli.training.build import describe
-    from milora_cli.training.train import train as run_training
 
     resolved = load_recipe(recipe, overrides or [])
     if dry_run:
+        from milora_cli.training.build import describe
+
         describe(resolved, console)
         return
-    run_training(resolved, console, resume_at=resume)
+    # The run folder locked before the training code loads (seconds of imports), so a second command on it is refused
+    # at once; under torchrun train() locks it on the main process for every rank.
+    alone = os.environ.get("WORLD_SIZE", "1") == "1"
+    with runlock.hold(Path(resolved.output.dir)) if alone else contextlib.nullcontext():
+        from milora_cli.training.train import train as run_training
+
+        run_training(resolved, console, resume_at=resume)
 
 
 def _choices(name: str, literal: Any) -> type[enum.Enum]:

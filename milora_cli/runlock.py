@@ -13,7 +13,8 @@ it before the deletion would lock the old file while a third locks a new one of 
 locked, holds the holder's pid and host: what a refused command names.
 
 Under torchrun the main process takes the lock for the job; every other rank waits for its outcome (one
-collective) and is refused alike, so no rank writes before the lock is held.
+collective) and is refused alike, so no rank writes before the lock is held. A hold of a folder this process
+already holds (`milora train` locks before the training code loads, then train() again) is that same lock.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 from milora_cli.errors import OutputError
 from milora_cli.ranks import ONE, Ranks
 
+_HELD: set[Path] = set()  # the lock files this process holds
 
 def lock_path(folder: Path) -> Path:
     """The lock file of an output folder: `.NAME.lock` beside it."""
@@ -40,24 +42,27 @@ def lock_path(folder: Path) -> Path:
 @contextmanager
 def hold(folder: Path, ranks: Ranks = ONE) -> Iterator[None]:
     """Hold `folder`'s lock for the block; an OutputError (one line, exit 2) if another process holds it."""
+    path = lock_path(folder)
     fd, refusal = None, None
-    if ranks.main:
+    if ranks.main and path not in _HELD:
         try:
-            fd = _acquire(folder)
+            fd = _acquire(folder, path)
         except OutputError as error:
             refusal = str(error)
     refusal = ranks.gather(refusal)[0]  # the main process's outcome, on every rank
     if refusal is not None:
         raise OutputError(refusal)
+    if fd is not None:
+        _HELD.add(path)
     try:
         yield
     finally:
         if fd is not None:
+            _HELD.discard(path)
             os.close(fd)  # closing the last descriptor releases the flock
 
 
-def _acquire(folder: Path) -> int:
-    path = lock_path(folder)
+def _acquire(folder: Path, path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not O_TRUNC (filelock's): the holder's line must stay readable
     try:

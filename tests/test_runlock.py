@@ -17,7 +17,6 @@ from rich.console import Console
 
 from helpers import EXACT_FP64, REPO, milora
 from milora_cli import runlock
-from milora_cli.errors import OutputError
 from milora_cli.recipe import validate
 from milora_cli.training import checkpoints
 from milora_cli.training.train import train
@@ -124,14 +123,16 @@ def test_eval_and_merge_refuse_an_output_folder_in_use(alone, tmp_path):
     assert milora("merge", "--adapter", str(alone / "adapter"), "--output", str(tmp_path / "merge"), env=ENV).returncode == 0  # released
 
 
-def test_the_lock_is_released_when_the_command_fails_and_is_taken_by_one_holder_at_a_time(tmp_path):
+def test_the_lock_is_released_when_the_command_fails_and_a_process_holds_it_once(tmp_path):
     folder = tmp_path / "out"
+    try_lock = [sys.executable, "-c", "import sys; from pathlib import Path; from milora_cli import runlock\n"
+                "with runlock.hold(Path(sys.argv[1])): pass", str(folder)]
     with pytest.raises(RuntimeError), runlock.hold(folder):
         raise RuntimeError("a command that failed")
-    with runlock.hold(folder), pytest.raises(OutputError, match=f"{folder} is in use by process {os.getpid()}"), runlock.hold(folder):
-        pass
-    with runlock.hold(folder):  # free again
-        pass
+    with runlock.hold(folder), runlock.hold(folder):  # a nested hold (the CLI's, then train()'s) is the same lock
+        refused = subprocess.run(try_lock, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and f"{folder} is in use by process {os.getpid()}" in refused.stderr
+    assert subprocess.run(try_lock, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120).returncode == 0  # free again
     assert runlock.lock_path(folder) == tmp_path / ".out.lock" and not folder.exists()
 
 
