@@ -62,9 +62,14 @@ def hold(folder: Path, ranks: Ranks = ONE) -> Iterator[None]:
             os.close(fd)  # closing the last descriptor releases the flock
 
 
-def _acquire(folder: Path, path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not O_TRUNC (filelock's): the holder's line must stay readable
+def _acquire(folder: Path, path: Path) -> int | None:
+    """The locked descriptor; None where no lock file can be made (a parent that is a file, a read-only place):
+    the folder cannot be written there either, and the command's own checks say why in one line (outputs.claim)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not O_TRUNC (filelock's): the holder's line must stay readable
+    except OSError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
