@@ -33,9 +33,10 @@ from milora_cli.ranks import ONE, Ranks
 
 _HELD: set[Path] = set()  # the lock files this process holds
 
+
 def lock_path(folder: Path) -> Path:
-    """The lock file of an output folder: `.NAME.lock` beside it."""
-    place = folder.expanduser().absolute()
+    """The lock file of an output folder: `.NAME.lock` beside it (beside the real folder: two paths to it, one lock)."""
+    place = folder.expanduser().resolve()
     return place.parent / f".{place.name}.lock"
 
 
