@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from milora_cli import adapter_folder, svd
+from milora_cli import adapter_folder, dtypes, svd
 from milora_cli.errors import ModelError
 from milora_cli.recipe import Init, SvdDriver, SvdDtype
 
@@ -80,12 +80,13 @@ class MiloraLinear(nn.Module):
         self.lora_alpha = lora_alpha
         self.scaling = lora_alpha / r
         self.lora_dropout = InputDropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        # Factors train in float32 whatever the base dtype: they are small, and bf16 factors would
-        # round away the updates to the minor components.
-        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=torch.float32)
-        self.register_buffer("lora_A0", torch.zeros(r, in_features, device=device))
-        self.register_buffer("lora_B0", torch.zeros(out_features, r, device=device))
+        # Factors train in float32 whatever the base dtype (float64 for a float64 base, the exactness tests'):
+        # they are small, and bf16 factors would round away the updates to the minor components.
+        dtype = dtypes.at_least_fp32(base_layer.weight.dtype)  # a quantized base's uint8 storage: float32
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
+        self.register_buffer("lora_A0", torch.zeros(r, in_features, device=device, dtype=dtype))
+        self.register_buffer("lora_B0", torch.zeros(out_features, r, device=device, dtype=dtype))
         self.has_correction = False  # False while B0 A0 == 0 (the plain LoRA and MiCA inits)
 
     def set_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, initial: bool = True) -> None:
@@ -205,9 +206,10 @@ def initialise(
 
 
 def adapter_tensors(adapters: dict[str, MiloraLinear]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(trained, initial) factors keyed `{layer}.lora_A.weight` / `{layer}.lora_B.weight`, float32, CPU."""
+    """(trained, initial) factors keyed `{layer}.lora_A.weight` / `{layer}.lora_B.weight`, CPU, in the factors'
+    dtype (float32; float64 for a float64 base, so that a resume continues from the very values)."""
     def cpu(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().float().cpu().contiguous()
+        return tensor.detach().to(dtypes.at_least_fp32(tensor.dtype)).cpu().contiguous()
 
     trained, initial = {}, {}
     for name, layer in adapters.items():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, get_args
@@ -93,10 +95,9 @@ def train(
     allow_pickle_weights: AllowPickleWeights = False,
 ) -> None:
     """Train a MiLoRA / PiSSA / LoRA adapter from a recipe. An existing run dir of the same recipe resumes."""
+    from milora_cli import runlock
     from milora_cli.models import Trust
     from milora_cli.recipe import load_recipe
-    from milora_cli.training.build import describe
-    from milora_cli.training.train import train as run_training
 
     resolved = load_recipe(recipe, overrides or [])
     if resolved.model.trust_remote_code and not trust_remote_code:
@@ -104,9 +105,17 @@ def train(
                      "model repository's code, only if you trust it", highlight=False, soft_wrap=True)
     trust = Trust(remote_code=trust_remote_code, pickle_weights=allow_pickle_weights)
     if dry_run:
+        from milora_cli.training.build import describe
+
         describe(resolved, console, trust)
         return
-    run_training(resolved, console, resume_at=resume, trust=trust)
+    # The run folder locked before the training code loads (seconds of imports), so a second command on it is refused
+    # at once; under torchrun train() locks it on the main process for every rank.
+    alone = os.environ.get("WORLD_SIZE", "1") == "1"
+    with runlock.hold(Path(resolved.output.dir)) if alone else contextlib.nullcontext():
+        from milora_cli.training.train import train as run_training
+
+        run_training(resolved, console, resume_at=resume, trust=trust)
 
 
 def _choices(name: str, literal: Any) -> type[enum.Enum]:

@@ -1,6 +1,7 @@
 """The one dtype table: the names users write, the names safetensors files carry, and torch's dtypes behind both.
 
     user (recipe, --dtype)   fp32 bf16 fp16            weights and activations
+    recipe's model.dtype     fp64                      exactness tests on tiny models (factors in float64 too)
     decomposition            float32 float64           recipe's adapter.svd_dtype (never half precision)
     safetensors header       F64 F32 BF16 F16 I64 ...  what a weight file says of each tensor
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 
 TORCH: dict[str, torch.dtype] = {
-    "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+    "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64,
     "float32": torch.float32, "float64": torch.float64,
 }
 SAFETENSORS: dict[str, torch.dtype] = {
@@ -19,6 +20,12 @@ SAFETENSORS: dict[str, torch.dtype] = {
 }
 FLOATING = {"F64", "F32", "BF16", "F16"}  # safetensors names of floating-point tensors
 _USER = ("fp32", "bf16", "fp16")
+
+
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """float32 for a 16-bit float (or an integer storage), float64 for float64: the dtype losses, adapter
+    factors and their gradients are kept in."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def safetensors_name(dtype: torch.dtype) -> str:

@@ -28,7 +28,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from milora_cli import adapter_folder, atomic, dtypes, models, outputs, serving, shards, terminal
+from milora_cli import adapter_folder, atomic, dtypes, models, outputs, runlock, serving, shards, terminal
 from milora_cli.errors import ExportError, ModelError
 from milora_cli.recipe import DEFAULT_SHARD_SIZE, Dtype, MergeFormat
 from milora_cli.runlog import versions
@@ -45,9 +45,16 @@ def merge(
     max_shard_size: str = DEFAULT_SHARD_SIZE, force: bool = False, console: Console | None = None, rank: int | None = None,
 ) -> Path:
     """Write the adapter at `adapter_path` merged into its base (or as a PEFT LoRA of it, of `rank` if given) to `output`."""
-    console = console or terminal.console(quiet=True)
     if rank is not None and fmt != "peft":
         raise ExportError(f"--rank {rank} sets the rank of a PEFT LoRA; add --format peft (a merged folder has no rank)")
+    with runlock.hold(output):  # one writer per output folder (runlock.py)
+        return _merge(adapter_path, output, base=base, fmt=fmt, dtype=dtype, max_shard_size=max_shard_size, force=force, console=console,
+                      rank=rank)
+
+
+def _merge(adapter_path: Path, output: Path, *, base: str | None, fmt: MergeFormat, dtype: Dtype | None, max_shard_size: str,
+           force: bool, console: Console | None, rank: int | None) -> Path:
+    console = console or terminal.console(quiet=True)
     found = adapter_folder.open_adapter(adapter_path, "--adapter")
     folder, meta, layers, shapes = found.folder, found.meta, found.layers, found.shapes
     limit = parse_size(max_shard_size)
@@ -159,9 +166,9 @@ def write_merged(
             layer = name.removesuffix(".weight")
             if layer in layers and name != layer:
                 B, A = found.stacked(layer)  # (out, 2r), (2r, in)
-                # B A = B_trained A_trained - B0 A0 in one float32 GEMM, added in place to a copy of W (the
-                # read tensor is a view of the file): no (out, in) temporaries besides W' itself.
-                weight = weight.to(torch.float32, copy=True).addmm_(B, A, alpha=scaling)
+                # B A = B_trained A_trained - B0 A0 in one float32 GEMM (float64 for a float64 run's factors), added
+                # in place to a copy of W (the read tensor is a view of the file): no (out, in) temporaries besides W' itself.
+                weight = weight.to(B.dtype, copy=True).addmm_(B, A, alpha=scaling)
             yield weight.to(dtypes.SAFETENSORS[out]) if weight.is_floating_point() else weight
 
     n_shards = shards.write_sharded(folder, entries, merged(), max_shard_size)

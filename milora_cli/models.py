@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +195,8 @@ def load_model(
         )
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelError(f"cannot load model '{path}': {_flag_hint(first_line(error))}") from None
+    if dtype == "fp64":
+        float64_norms(model)
     return model.eval()
 
 
@@ -206,13 +209,29 @@ def _flag_hint(message: str) -> str:
     return message
 
 
+def float64_norms(model: torch.nn.Module) -> None:
+    """Make the RMSNorm layers compute in float64. transformers' Llama-family RMSNorm computes in float32 whatever
+    its input (an upcast meant for 16-bit models): in a float64 model it would round every normalised hidden
+    state to float32, and two float64 runs that agree to 1e-16 would differ by float32's 6e-8 wherever a value
+    falls either side of a float32 rounding boundary (or a compiler drops the round trip)."""
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_rms_norm_float64, module)
+
+
+def _rms_norm_float64(self: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps), in x's dtype; (..., H) -> (..., H)."""
+    variance = hidden.pow(2).mean(-1, keepdim=True)  # (..., 1)
+    return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
+
+
 def check_attention(attn_implementation: str, dtype: str, device: str | torch.device) -> None:
     """flash_attention_2 needs the flash-attn package, a CUDA device and a 16-bit dtype: say which is missing."""
     if attn_implementation != "flash_attention_2":
         return
     if importlib.util.find_spec("flash_attn") is None:
         raise ModelError("model.attn_implementation=flash_attention_2 needs flash-attn: pip install flash-attn; or use sdpa")
-    if torch.device(device).type != "cuda" or dtype == "fp32":
+    if torch.device(device).type != "cuda" or dtype not in ("bf16", "fp16"):
         raise ModelError(f"flash_attention_2 runs on CUDA in bf16/fp16; here device={device}, dtype={dtype}: use sdpa")
 
 

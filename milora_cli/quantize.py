@@ -52,6 +52,8 @@ def check(quantize: Quantize, dtype: str, device_type: str, distributed: str = "
     what = f"model.quantize={quantize}"
     if importlib.util.find_spec("bitsandbytes") is None:
         raise QuantizeError(f"{what} needs bitsandbytes, which is not installed: {INSTALL}")
+    if dtype == "fp64":  # bitsandbytes computes in 16 or 32 bits; fp64 is for exactness tests of the float path
+        raise QuantizeError(f"{what} with model.dtype=fp64: a quantized base computes in fp32, bf16 or fp16")
     if dtype == "fp16" and device_type == "cpu":
         # bitsandbytes' CPU fp16 path is the slowest by far: one forward and backward of SmolLM2-135M on 4 x 64
         # tokens took 60 s in nf4/fp16 against 7 s in nf4/bf16 (2 busy cores)

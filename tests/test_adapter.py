@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers import rel_max_error
-from milora_cli import adapter
+from helpers import EXACT_FP64, rel_max_error
+from milora_cli import adapter, models
 from milora_cli.errors import ModelError
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -17,7 +17,10 @@ def tiny_llama(dtype=torch.float32, seed: int = 0) -> LlamaForCausalLM:
         vocab_size=96, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    if dtype == torch.float64:
+        models.float64_norms(model)  # as models.load_model does for fp64
+    return model
 
 
 def adapted(init: str, dtype=torch.float32, r: int = 4, alpha: float = 4.0, dropout: float = 0.0):
@@ -36,7 +39,7 @@ def test_fp32_logits_at_init_equal_the_base_model(init):
     x = tokens()
     base = tiny_llama()(x).logits
     model, _ = adapted(init)
-    assert rel_max_error(model(x).logits, base) <= 1e-5
+    assert torch.equal(model(x).logits, base)  # the correction B A x - B0 A0 x is exactly 0, as in bf16
 
 
 @pytest.mark.parametrize("init", ["milora", "pissa", "lora", "mica"])
@@ -139,30 +142,32 @@ def perturb(layers: dict, seed: int = 3) -> None:
 
 @pytest.mark.parametrize("init", ["milora", "pissa", "lora", "mica"])
 def test_merged_weights_give_the_adapted_forward(init):
+    """Equal in exact arithmetic: tested in float64 (helpers.EXACT_FP64)."""
     x = tokens()
-    model, layers = adapted(init)
+    model, layers = adapted(init, torch.float64)
     perturb(layers)
     expected = model(x).logits
-    merged = tiny_llama()
+    merged = tiny_llama(torch.float64)
     with torch.no_grad():
         for name, layer in layers.items():
             merged.get_submodule(name).weight.add_(layer.delta_weight())
-    assert rel_max_error(merged(x).logits, expected) <= 1e-5
+    assert rel_max_error(merged(x).logits, expected) <= EXACT_FP64
 
 
 def test_lora_forward_matches_peft():
     peft = pytest.importorskip("peft")
     x = tokens()
-    model, layers = adapted("lora", r=4, alpha=8.0)
+    model, layers = adapted("lora", torch.float64, r=4, alpha=8.0)  # the same math in another order: float64
     perturb(layers)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, init_lora_weights=True)
-    reference = peft.get_peft_model(tiny_llama(), config)
+    reference = peft.get_peft_model(tiny_llama(torch.float64), config)
     with torch.no_grad():
         for name, layer in layers.items():
             target = reference.base_model.model.get_submodule(name)
             target.lora_A["default"].weight.copy_(layer.lora_A.weight)
             target.lora_B["default"].weight.copy_(layer.lora_B.weight)
-    assert rel_max_error(model(x).logits, reference(x).logits) <= 1e-5
+    assert reference.base_model.model.get_submodule(f"model.layers.0.self_attn.{TARGETS[0]}").lora_A["default"].weight.dtype == torch.float64
+    assert rel_max_error(model(x).logits, reference(x).logits) <= EXACT_FP64
 
 
 def smollm2_layer0(smollm2_path: str) -> torch.nn.Module:

@@ -1,7 +1,9 @@
 """Packing (data.packing): the examples of a micro-batch in one row, position_ids restarting per example.
 
-With dropout off it must compute what the padded batch computes: the same summed loss (1e-5 relative) and
-the same adapter gradients (1e-5 relative in norm, fp32), on the tiny Llama and on the real SmolLM2.
+With dropout off it computes what the padded batch computes, exactly in exact arithmetic: the same summed
+loss and the same adapter gradients. Tested in float64 (model, factors and gradients), where the two
+summation orders differ by ~1e-14 relative on any CPU, on the tiny Llama and on the real SmolLM2; plus one
+float32 smoke check whose bound is the padded batch's own float32 error on the same problem.
 """
 
 import pytest
@@ -9,17 +11,23 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers import rel_max_error
-from milora_cli import adapter
+from milora_cli import adapter, models
 from milora_cli.data.records import load_records
 from milora_cli.data.tokens import Collator, build_dataset, pack_rows
 from milora_cli.errors import RecipeError
 from milora_cli.recipe import DataConfig
 from milora_cli.training.step import CausalLMLoss, loss_inputs, packs
 
+# float64: the unit roundoff is 2^-53 ~ 1.1e-16; a sum of n terms in another order differs by at most ~n u times
+# the sum of the terms' magnitudes, and the loss's and gradients' sums here have n < 10^4 terms of one sign mostly
+# (condition ~1 to 10^2): ~1e-11 at worst. A real difference (a token masked wrongly, attention across examples,
+# a position offset) moves the loss by >1e-3.
+EXACT_FP64 = 1e-10
 
-def adapted_model(model_dir: str) -> torch.nn.Module:
+
+def adapted_model(model_dir: str, dtype: str = "fp64") -> torch.nn.Module:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = models.load_model(model_dir, dtype)
     layers = adapter.inject(model, adapter.find_targets(model, ["q_proj", "v_proj", "down_proj"]), 4, 4, 0.0)
     adapter.initialise(layers, "milora", "float64", "gram", seed=0)
     for layer in layers.values():  # a trained-looking adapter, so that B A != B0 A0 and every factor has a gradient
@@ -34,21 +42,32 @@ def loss_and_grads(model: torch.nn.Module, collate: Collator, examples) -> tuple
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def assert_packing_is_exact(model_dir: str, tokenizer, data_path: str) -> None:
+def examples_of_mixed_length(tokenizer, data_path: str):
     train, _ = load_records(DataConfig(path=data_path, val_size=0), seed=0)
     examples = build_dataset(train[:6], tokenizer, 64, False).examples
     assert len({len(t.input_ids) for t in examples}) > 1, "the batch must mix lengths, or padding is no test"
+    return examples
+
+
+def packed_collators(tokenizer, examples) -> list[Collator]:
+    """One row; rows of one or two examples, padded with a segment of their own."""
+    longest = max(len(t.input_ids) for t in examples)
+    collators = [Collator(tokenizer.pad_token_id, packed=True, row_tokens=n) for n in (10_000, longest + 10, 2 * longest)]
+    assert [len(c(examples).inputs["input_ids"]) > 1 for c in collators] == [False, True, True]
+    return collators
+
+
+def assert_packing_is_exact(model_dir: str, tokenizer, data_path: str) -> None:
+    examples = examples_of_mixed_length(tokenizer, data_path)
     model = adapted_model(model_dir)
     padded = loss_and_grads(model, Collator(tokenizer.pad_token_id, packed=False), examples)
-    longest = max(len(t.input_ids) for t in examples)
-    for row_tokens in (10_000, longest + 10, 2 * longest):  # one row; rows of one or two examples, padded with a segment of their own
-        collate = Collator(tokenizer.pad_token_id, packed=True, row_tokens=row_tokens)
-        assert (len(collate(examples).inputs["input_ids"]) > 1) == (row_tokens < 10_000)
+    assert padded[0].dtype == torch.float64 and all(g.dtype == torch.float64 for g in padded[1].values())
+    for collate in packed_collators(tokenizer, examples):
         packed = loss_and_grads(model, collate, examples)
-        assert rel_max_error(packed[0], padded[0]) <= 1e-5
+        assert rel_max_error(packed[0], padded[0]) <= EXACT_FP64
         assert padded[1].keys() == packed[1].keys() and padded[1]
-        for name, grad in padded[1].items():  # relative error in norm: fp32 sums in another order over 30 layers
-            assert ((packed[1][name] - grad).norm() / grad.norm()).item() <= 1e-5, (row_tokens, name)
+        for name, grad in padded[1].items():
+            assert ((packed[1][name] - grad).norm() / grad.norm()).item() <= EXACT_FP64, (collate.row_tokens, name)
 
 
 def test_packed_loss_and_gradients_equal_the_padded_batch_tiny(tiny_model_dir, smol_tokenizer, tiny_data):
@@ -58,6 +77,21 @@ def test_packed_loss_and_gradients_equal_the_padded_batch_tiny(tiny_model_dir, s
 @pytest.mark.slow
 def test_packed_loss_and_gradients_equal_the_padded_batch_smollm2(smollm2_path, smol_tokenizer, tiny_data):
     assert_packing_is_exact(smollm2_path, smol_tokenizer, tiny_data)
+
+
+def test_packing_in_float32_is_as_accurate_as_padding(tiny_model_dir, smol_tokenizer, tiny_data):
+    """The float32 smoke check: against the float64 gradients, packed float32 ones are no further off than the
+    padded float32 ones' own rounding error (or float32's unit roundoff 2^-24 where that is smaller) times 10:
+    both sum the same terms in float32, only in other orders, so the same bound holds for both on any CPU."""
+    examples = examples_of_mixed_length(smol_tokenizer, tiny_data)
+    exact = loss_and_grads(adapted_model(tiny_model_dir), Collator(smol_tokenizer.pad_token_id, packed=False), examples)[1]
+    model = adapted_model(tiny_model_dir, "fp32")
+    padded = loss_and_grads(model, Collator(smol_tokenizer.pad_token_id, packed=False), examples)[1]
+    for collate in packed_collators(smol_tokenizer, examples):
+        packed = loss_and_grads(model, collate, examples)[1]
+        for name, truth in exact.items():
+            bound = 10 * max((padded[name].double() - truth).norm().item(), 2**-24 * truth.norm().item())
+            assert (packed[name].double() - truth).norm().item() <= bound, (collate.row_tokens, name)
 
 
 def test_a_packed_row_holds_every_example_once_with_positions_restarting(smol_tokenizer, tiny_data):

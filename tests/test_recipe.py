@@ -57,7 +57,7 @@ def test_unknown_key_names_it_and_the_closest_valid_key(tmp_path):
         ("adapter.init=svd", "adapter.init: Input should be 'milora', 'pissa', 'lora' or 'mica'"),
         ("train.lr=-1", "train.lr: Input should be greater than 0"),
         ("train.lrr=1", "unknown key 'train.lrr'; did you mean 'train.lr'?"),
-        ("model.dtype=fp8", "model.dtype: Input should be 'fp32', 'bf16' or 'fp16'"),
+        ("model.dtype=fp8", "model.dtype: Input should be 'fp32', 'bf16', 'fp16' or 'fp64'"),
         ("adapter.r", "is not of the form section.key=value"),
     ],
 )

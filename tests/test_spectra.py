@@ -29,6 +29,13 @@ def chosen_spectrum(k: int, layer: int) -> np.ndarray:
     return np.geomspace(4.0, 0.05 / (layer + 1), k) * (layer + 1)
 
 
+def float32_bound(S: np.ndarray) -> np.ndarray:
+    """How far storing W = U diag(S) V^T in float32 can move each singular value, relative to it: the rounding E has
+    ||E||_2 <= ||E||_F <= 2^-24 ||W||_F, and by Weyl's inequality no singular value moves by more (the float64 SVD
+    adds ~1e-16 ||W||_2)."""
+    return 2**-24 * np.sqrt((S**2).sum()) / S + 1e-12
+
+
 def orthonormal(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     return np.linalg.qr(rng.standard_normal((rows, cols)))[0]  # (rows, cols)
 
@@ -66,7 +73,7 @@ def test_known_spectra_are_recovered(known_model):
     assert [s.name for s in found.spectra] == [f"model.layers.{i}.{m}" for i in range(2) for m in modules]
     for s in found.spectra:
         S = chosen[s.name]
-        assert np.max(np.abs(s.S.numpy() - S) / S) <= 1e-5, s.name
+        assert np.all(np.abs(s.S.numpy() - S) / S <= float32_bound(S)), s.name
         stats = analysis.spectrum_stats(s.S, 2)
         p = S / S.sum()
         assert stats["condition"] == pytest.approx(S[0] / S[-1], rel=1e-5)
@@ -103,7 +110,8 @@ def test_filters_and_files(known_model, tmp_path):
     for matrix in document["matrices"]:
         values = np.array(matrix["singular_values"])
         assert len(values) == min(matrix["shape"]) and np.all(np.diff(values) <= 0)
-        assert np.max(np.abs(values - chosen[matrix["name"]]) / values) <= 1e-5
+        S = chosen[matrix["name"]]
+        assert np.all(np.abs(values - S) / S <= float32_bound(S))
     assert len((out / "s.csv").read_text().splitlines()) == 3
     assert (out / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

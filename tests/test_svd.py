@@ -55,10 +55,13 @@ def test_residual_plus_adapter_is_the_weight():
 
 
 def test_float32_decomposition_is_close_to_float64():
+    """A backward-stable float32 SVD returns the singular values of W + E with ||E||_2 <= p(n) u ||W||_2, u = 2^-24
+    (rounding W to float32 included); by Weyl's inequality each moves by at most that. p(n) = n, the modest
+    multiple LAPACK's error bounds allow; the minor values (1e-2 of the largest here) carry it as relative error."""
     weight, _ = known_spectrum(64, 64)
     s32 = svd.decompose(weight, "float32").S.double()
     s64 = svd.decompose(weight, "float64").S
-    assert ((s32 - s64).abs() / s64).max() < 1e-3
+    assert (s32 - s64).abs().max() <= 64 * 2**-24 * s64.max()
 
 
 @pytest.mark.parametrize("r", [0, 17])

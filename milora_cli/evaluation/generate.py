@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
+from milora_cli import dtypes
 from milora_cli.data.records import Example, prompt_for_generation
 
 Scorer = Callable[[str, Example], bool]
@@ -79,7 +80,8 @@ def window_losses(model, windows: Sequence[Sequence[int]], tokens_per_batch: int
                 ids[row, : len(window)] = torch.tensor(window)
                 mask[row, : len(window)] = 1
             ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
+            logits = logits.to(dtypes.at_least_fp32(logits.dtype))
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")  # (B, T-1)
             nll = nll * mask[:, 1:]
             results += [(float(row_nll.sum()), int(row_mask.sum())) for row_nll, row_mask in zip(nll, mask[:, 1:], strict=False)]

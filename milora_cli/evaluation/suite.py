@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from milora_cli import adapter, adapter_folder, atomic, models, outputs, quantize, terminal
+from milora_cli import adapter, adapter_folder, atomic, models, outputs, quantize, runlock, terminal
 from milora_cli.evaluation import generate, tasks
 from milora_cli.errors import EvalError
 from milora_cli.ranks import ONE, Ranks, shared_rounds
@@ -41,14 +41,16 @@ RESULTS_FILE, SUMMARY_FILE, SETTINGS_FILE = "predictions.jsonl", "summary.json",
 
 def run(model_or_run: str, cfg: EvalConfig, output: Path, dtype: str | None, console: Console, quantized: Quantize | None = None,
         *, base: str | None = None, force: bool = False, trust: models.Trust = models.UNTRUSTED) -> dict[str, Any]:
-    """Load MODEL_OR_RUN and score it on cfg.tasks into `output`; returns the summary. `trust`: the command line's."""
+    """Load MODEL_OR_RUN and score it on cfg.tasks into `output`, locked throughout (runlock.py); returns the summary.
+    `trust`: the command line's."""
     source = Path(model_or_run).expanduser()
-    outputs.claim(output, "eval", "--output", force, inputs=[source] if source.exists() else [])
-    tasks.check_data(cfg.tasks, cfg.data_dir, "--data-dir")  # data first: a missing file fails before a model loads
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with terminal.working(console, models.loading(model_or_run)):
-        model, tokenizer, identity = load(model_or_run, dtype, device, console, quantized, base=base, trust=trust)
-    return evaluate_model(model, tokenizer, cfg, output, identity, console)
+    with runlock.hold(output):
+        outputs.claim(output, "eval", "--output", force, inputs=[source] if source.exists() else [])
+        tasks.check_data(cfg.tasks, cfg.data_dir, "--data-dir")  # data first: a missing file fails before a model loads
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with terminal.working(console, models.loading(model_or_run)):
+            model, tokenizer, identity = load(model_or_run, dtype, device, console, quantized, base=base, trust=trust)
+        return evaluate_model(model, tokenizer, cfg, output, identity, console)
 
 
 def load(name: str, dtype: str | None, device: str, console: Console, quantized: Quantize | None = None,

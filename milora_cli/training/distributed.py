@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from milora_cli import dtypes
 from milora_cli.errors import RecipeError
 from milora_cli.ranks import Ranks
 from milora_cli.recipe import TrainConfig
@@ -63,7 +64,7 @@ def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     for param in params:
         if param.grad is None:  # a factor the batch did not reach still takes part in the collective
             param.grad = torch.zeros_like(param)
-    flat = torch.cat([param.grad.reshape(-1).float() for param in params])  # (sum of numels,)
+    flat = torch.cat([param.grad.reshape(-1).to(dtypes.at_least_fp32(param.grad.dtype)) for param in params])  # (sum of numels,)
     torch.distributed.all_reduce(flat)
     flat /= world
     for param, grad in zip(params, flat.split([param.numel() for param in params]), strict=True):

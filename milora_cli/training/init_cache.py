@@ -131,7 +131,7 @@ def initialise(adapters: dict[str, adapter.MiloraLinear], cfg: AdapterConfig, *,
         layer = adapters[name]
         device = layer.lora_A0.device
         if name in owned:
-            lora_A, lora_B = (f.to(device).contiguous() for f in owned[name])
+            lora_A, lora_B = (f.to(device, layer.lora_A0.dtype).contiguous() for f in owned[name])  # a broadcast needs one dtype
         else:
             lora_A, lora_B = torch.empty_like(layer.lora_A0), torch.empty_like(layer.lora_B0)
         if world > 1:

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 import torch
 from accelerate import Accelerator
 
+from milora_cli import dtypes
 from milora_cli.data import tokens
 from milora_cli.evaluation.generate import eval_mode
 from milora_cli.errors import RecipeError
@@ -53,7 +54,7 @@ class CausalLMLoss(torch.nn.Module):
             logits = self.model.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, positions))  # (N, V)
         else:
             logits = self.model(**inputs).logits.flatten(0, 1).index_select(0, positions)  # (N, V)
-        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        return torch.nn.functional.cross_entropy(logits.to(dtypes.at_least_fp32(logits.dtype)), targets, reduction="sum")
 
 
 def loss_inputs(batch: tokens.Batch) -> dict[str, torch.Tensor]:
@@ -115,7 +116,7 @@ def optimizer_step(loss_module, micro: list[tokens.Batch], accelerator: Accelera
         with sync, accelerator.autocast():
             loss_sum = loss_module(**loss_inputs(batch))
             accelerator.backward(loss_sum * accelerator.num_processes / n_targets)
-        step_loss += loss_sum.detach()
+        step_loss = step_loss + loss_sum.detach()  # float64 for a float64 model (not truncated in place)
     if reduce_gradients is not None:
         reduce_gradients()
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
@@ -132,8 +133,8 @@ def validation_loss(loss_module, val_set: tokens.TokenizedDataset, collate: toke
         for index, keep in my_batches(len(batches), Ranks.of(accelerator)):
             batch = collate(batches[index]).to(accelerator.device)
             with accelerator.autocast():
-                batch_loss = loss_module(**loss_inputs(batch)).float()
+                batch_loss = loss_module(**loss_inputs(batch))
             if keep:
                 loss, count = loss + batch_loss, count + batch.targets.numel()
-    total = accelerator.reduce(torch.stack([loss, torch.tensor(float(count), device=accelerator.device)]), "sum")
+    total = accelerator.reduce(torch.stack([loss, torch.tensor(float(count), device=accelerator.device, dtype=loss.dtype)]), "sum")
     return (total[0] / total[1].clamp(min=1)).item()

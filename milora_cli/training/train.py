@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from rich.console import Console
 
-from milora_cli import terminal
+from milora_cli import runlock, terminal
 from milora_cli.data import tokens
 from milora_cli.models import UNTRUSTED, Trust
 from milora_cli.errors import RecipeError
@@ -70,6 +70,12 @@ def train(recipe: Recipe, console: Console | None = None, resume_at: str | None 
     accelerator = _accelerator(recipe.train.mixed_precision, recipe.model.dtype, recipe.output.report_to, Path(recipe.output.dir))
     ranks = Ranks.of(accelerator)
     console = console if (console is not None and ranks.main) else terminal.console(quiet=not ranks.main)
+    with runlock.hold(Path(recipe.output.dir), ranks):  # one writer per run folder, for the whole run (runlock.py)
+        return _train(recipe, accelerator, ranks, console, resume_at, trust)
+
+
+def _train(recipe: Recipe, accelerator: Accelerator, ranks: Ranks, console: Console, resume_at: str | None, trust: Trust) -> dict[str, Any]:
+    """train() with the run folder locked."""
     run = run_dir.RunDir(Path(recipe.output.dir), dump_recipe(recipe), ranks.main)
     accumulation = distributed.accumulation_steps(recipe.train, ranks.world)  # a bad global batch fails here
     # 1. the run folder: a fresh run, a resume, or nothing left to do
