@@ -32,11 +32,11 @@ TRAIN_PER_SET, TEST_ITEMS = 600, 64  # gpu_check takes 4 x 30 x 16 examples of t
 LIMIT_MIB = 60  # the device takes 64 MiB of files in all, the repository included
 
 
-def wheels(out: Path) -> None:
-    """Download the wheels of WHEELS at the versions installed here, for Python 3.12 on x86_64 Linux."""
+def wheels(out: Path, python_version: str) -> None:
+    """Download the wheels of WHEELS at the versions installed here, for CPython `python_version` on x86_64 Linux."""
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
     platforms = [flag for platform in PLATFORMS for flag in ("--platform", platform)]
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", python_version,
                     "--implementation", "cp", *platforms, "-d", str(out), *pins], check=True)
 
 
@@ -67,11 +67,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=REPO / ".gpu")
+    parser.add_argument("--python-version", default="3.12", help="the device's Python (3.12); the CPU rehearsal passes its own")
     args = parser.parse_args(argv)
     if not (args.data_dir / "commonsense").is_dir():
         parser.error(f"{args.data_dir} holds no commonsense/ folder: pass --data-dir ../shared/data")
     shutil.rmtree(args.out, ignore_errors=True)
-    wheels(args.out / "wheels")
+    wheels(args.out / "wheels", args.python_version)
     tokenizer(args.out / "tokenizer")
     data(args.data_dir, args.out / "data")
     size = size_mib(args.out)
