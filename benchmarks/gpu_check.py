@@ -15,7 +15,7 @@ the device's 10-minute limit keeps what it had measured.
     milora's own step (training.step.optimizer_step under Accelerate's autocast, the recipe default for a
     bf16 base) vs the PiSSA-initialised PEFT model in a plain loop (autocast, HF's loss); tokens/s of
     steps 3.., peak GPU memory, ratios.
-(c) logits of the adapted model at init vs the base model: bit-identical or not.
+(c) logits of the adapted model at init vs the base model, without and under bf16 autocast: bit-identical or not.
 (d) the trained adapter merged into the weights, W + s (B A - B0 A0) in float32 cast to the base dtype
     (merge.py's formula, done in memory: the 16 GB random base is not written to disk): seconds, and the
     merged model's logits against the adapted model's (max relative error).
@@ -111,15 +111,31 @@ def minor_error(layers: dict[str, adapter.MiloraLinear], r: int) -> float:
 
 
 def initialised(args, device: str, probe: torch.Tensor, init) -> tuple[torch.nn.Module, float, str]:
-    """A fresh model, `init(model) -> adapted model` timed, and whether its logits at init are the base's bit for bit."""
+    """A fresh model, `init(model) -> adapted model` timed, and whether its logits at init are the base's bit for
+    bit, both without autocast and under the bf16 autocast training runs in."""
     model = build(args.shape, device, args.layers)
     with torch.no_grad():
         base = model(probe).logits
+        with torch.autocast(device, dtype=torch.bfloat16):
+            base_autocast = model(probe).logits
+    warm_up_solvers(device)
     holder = {}
     seconds = timed(lambda: holder.setdefault("model", init(model)), device)
     with torch.no_grad():
         exact = torch.equal(holder["model"].eval()(probe).logits, base)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            exact = exact and torch.equal(holder["model"](probe).logits, base_autocast)
     return holder["model"], seconds, "yes" if exact else "no"
+
+
+def warm_up_solvers(device: str) -> None:
+    """Load the linear-algebra libraries (cuSOLVER on a GPU) before a timed init: whichever side runs first
+    would otherwise pay their load."""
+    for dtype in (torch.float32, torch.float64):
+        eye = torch.eye(8, device=device, dtype=dtype)
+        torch.linalg.eigh(eye)
+        torch.linalg.svd(eye)
+    sync(device)
 
 
 def milora_run(args, device: str, data) -> dict[str, float | str]:
