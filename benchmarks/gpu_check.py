@@ -2,6 +2,10 @@
 
     python benchmarks/gpu_check.py                 # Llama-3-8B shapes, random bf16 weights built on the GPU
     python benchmarks/gpu_check.py --tiny          # the same code on CPU with small shapes (what CI runs)
+    python benchmarks/gpu_check.py --layers 8 --tokenizer .gpu/tokenizer --data-dir .gpu/data   # on the device machine
+
+Each figure is printed as soon as it is measured (a `measured:` line), the table at the end: a run killed at
+the device's 10-minute limit keeps what it had measured.
 
 (a) init of q,k,v,up,down (r=32): milora (float64 Gram eigh) vs PEFT init_lora_weights="pissa" (float32
     SVD), seconds and ratio; the error of milora's r minor singular values against a float64 SVD of the
@@ -11,7 +15,7 @@
     milora's own step (training.step.optimizer_step under Accelerate's autocast, the recipe default for a
     bf16 base) vs the PiSSA-initialised PEFT model in a plain loop (autocast, HF's loss); tokens/s of
     steps 3.., peak GPU memory, ratios.
-(c) logits of the adapted model at init vs the base model: bit-identical or not.
+(c) logits of the adapted model at init vs the base model, without and under bf16 autocast: bit-identical or not.
 (d) the trained adapter merged into the weights, W + s (B A - B0 A0) in float32 cast to the base dtype
     (merge.py's formula, done in memory: the 16 GB random base is not written to disk): seconds, and the
     merged model's logits against the adapted model's (max relative error).
@@ -77,7 +81,7 @@ def batches(data_dir: Path, vocab: int, args) -> list[list[list[tokens.Tokenized
     examples = [records.normalize_record(raw, "llm_adapters") for name in TRAIN_SETS
                 for raw in records.read_file(data_dir / "commonsense" / name / "train.json")]
     random.Random(0).shuffle(examples)
-    tokenizer = models.load_tokenizer(models.resolve("smollm2-135m"))
+    tokenizer = models.load_tokenizer(str(args.tokenizer) if args.tokenizer else models.resolve("smollm2-135m"))
     per_step = args.micro_batch * args.accumulation
     data = tokens.build_dataset(examples[: 4 * args.steps * per_step], tokenizer, args.max_length, False)
     assert len(data.examples) >= args.steps * per_step, "too few examples keep a response token at this max length"
@@ -107,15 +111,31 @@ def minor_error(layers: dict[str, adapter.MiloraLinear], r: int) -> float:
 
 
 def initialised(args, device: str, probe: torch.Tensor, init) -> tuple[torch.nn.Module, float, str]:
-    """A fresh model, `init(model) -> adapted model` timed, and whether its logits at init are the base's bit for bit."""
+    """A fresh model, `init(model) -> adapted model` timed, and whether its logits at init are the base's bit for
+    bit, both without autocast and under the bf16 autocast training runs in."""
     model = build(args.shape, device, args.layers)
     with torch.no_grad():
         base = model(probe).logits
+        with torch.autocast(device, dtype=torch.bfloat16):
+            base_autocast = model(probe).logits
+    warm_up_solvers(device)
     holder = {}
     seconds = timed(lambda: holder.setdefault("model", init(model)), device)
     with torch.no_grad():
         exact = torch.equal(holder["model"].eval()(probe).logits, base)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            exact = exact and torch.equal(holder["model"](probe).logits, base_autocast)
     return holder["model"], seconds, "yes" if exact else "no"
+
+
+def warm_up_solvers(device: str) -> None:
+    """Load the linear-algebra libraries (cuSOLVER on a GPU) before a timed init: whichever side runs first
+    would otherwise pay their load."""
+    for dtype in (torch.float32, torch.float64):
+        eye = torch.eye(8, device=device, dtype=dtype)
+        torch.linalg.eigh(eye)
+        torch.linalg.svd(eye)
+    sync(device)
 
 
 def milora_run(args, device: str, data) -> dict[str, float | str]:
@@ -130,7 +150,7 @@ def milora_run(args, device: str, data) -> dict[str, float | str]:
 
     model, seconds, exact = initialised(args, device, probe, init)
     first = {name: layer for name, layer in layers.items() if ".layers.0." in name}
-    row = {"init_s": seconds, "minor_err": minor_error(first, args.rank), "exact": exact}
+    row = measured("milora", {"init_s": seconds, "minor_err": minor_error(first, args.rank), "exact": exact})
     accelerator = Accelerator(mixed_precision=autocast_dtype("auto", "bf16", device == "cuda"), cpu=device == "cpu")
     loss = CausalLMLoss(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -144,8 +164,8 @@ def milora_run(args, device: str, data) -> dict[str, float | str]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    row |= train(model, step, data, device)
-    return row | merge_check(model, layers, probe, device)
+    row |= measured("milora", train(model, step, data, device))
+    return row | measured("milora", merge_check(model, layers, probe, device))
 
 
 def peft_run(args, device: str, data) -> dict[str, float | str]:
@@ -156,6 +176,7 @@ def peft_run(args, device: str, data) -> dict[str, float | str]:
     config = LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.05, target_modules=DEFAULT_TARGETS,
                         init_lora_weights="pissa", task_type="CAUSAL_LM")
     model, seconds, exact = initialised(args, device, padded(data[0][0])["input_ids"].to(device), lambda m: get_peft_model(m, config))
+    measured("PEFT", {"init_s": seconds, "exact": exact})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=3e-4)
     use_autocast = autocast_dtype("auto", "bf16", device == "cuda") == "bf16"
@@ -172,7 +193,13 @@ def peft_run(args, device: str, data) -> dict[str, float | str]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return {"init_s": seconds, "exact": exact} | train(model, step, data, device)
+    return {"init_s": seconds, "exact": exact} | measured("PEFT", train(model, step, data, device))
+
+
+def measured(side: str, row: dict) -> dict:
+    """Print a part of a side's row as soon as it is known (flushed), and return it."""
+    print(f"measured: {side} " + " ".join(f"{key}={value}" for key, value in row.items()), flush=True)
+    return row
 
 
 def train(model, step, data, device: str) -> dict[str, float]:
@@ -231,6 +258,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's own)")
     parser.add_argument("--rank", type=int, default=None, help="r (default 32; 4 with --tiny)")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer folder (default: the embedded SmolLM2's)")
     args = parser.parse_args(argv)
     args.shape, device = ("tiny", "cpu") if args.tiny else ("llama3-8b", "cuda")
     if device == "cuda" and not torch.cuda.is_available():
@@ -242,11 +270,12 @@ def main(argv: list[str] | None = None) -> str:
     header = (f"{args.shape} ({args.layers or SHAPES[args.shape][2]} layers), bf16 weights, r={args.rank} on "
               f"{','.join(DEFAULT_TARGETS)}; {args.steps} steps of {args.micro_batch}x{args.accumulation}, "
               f"<= {args.max_length} tokens; {name}, torch {torch.__version__}")
+    print(header, flush=True)
     ours = milora_run(args, device, data)
     gc.collect()  # the milora model goes before PEFT's is built: each peak holds one model
     if device == "cuda":
         torch.cuda.empty_cache()
-    report = header + "\n" + table(ours, peft_run(args, device, data))
+    report = table(ours, peft_run(args, device, data))
     print(report, flush=True)
     return report
 

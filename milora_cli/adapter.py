@@ -88,6 +88,7 @@ class MiloraLinear(nn.Module):
         self.register_buffer("lora_A0", torch.zeros(r, in_features, device=device, dtype=dtype))
         self.register_buffer("lora_B0", torch.zeros(out_features, r, device=device, dtype=dtype))
         self.has_correction = False  # False while B0 A0 == 0 (the plain LoRA and MiCA inits)
+        self._cast_initial = None  # (key, A0, B0) in the autocast dtype: see initial_factors_in
 
     def set_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, initial: bool = True) -> None:
         """Load factors; `initial` also makes them the frozen B0, A0 the correction subtracts."""
@@ -107,8 +108,24 @@ class MiloraLinear(nn.Module):
         delta = self.lora_B(self.lora_A(self.lora_dropout(h)))
         if self.has_correction:
             # The same ops on equal values as the trained path, so the difference is exactly 0 at init.
-            delta = delta - nn.functional.linear(nn.functional.linear(h, self.lora_A0), self.lora_B0)
+            lora_A0, lora_B0 = self.initial_factors_in(x.device.type)
+            delta = delta - nn.functional.linear(nn.functional.linear(h, lora_A0), lora_B0)
         return result + (self.scaling * delta).to(result.dtype)
+
+    def initial_factors_in(self, device_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A0, B0 as the matmuls take them: under autocast, copies in its dtype, kept until A0/B0 change.
+
+        Autocast caches its casts only of tensors that require grad, so the frozen A0/B0 would be cast again
+        on every forward (two cast kernels a layer, and the copies kept for backward). The copies round as
+        autocast rounds lora_A/lora_B, so the correction still cancels the trained path exactly at init.
+        """
+        if not torch.is_autocast_enabled(device_type):
+            return self.lora_A0, self.lora_B0
+        dtype = torch.get_autocast_dtype(device_type)
+        key = (dtype, self.lora_A0.device, self.lora_A0.data_ptr(), self.lora_A0._version, self.lora_B0.data_ptr(), self.lora_B0._version)
+        if self._cast_initial is None or self._cast_initial[0] != key:
+            self._cast_initial = (key, self.lora_A0.to(dtype), self.lora_B0.to(dtype))
+        return self._cast_initial[1], self._cast_initial[2]
 
     def delta_weight(self) -> torch.Tensor:
         """The learned update dW = s (B A - B0 A0), float32, (out, in)."""

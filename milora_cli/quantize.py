@@ -19,6 +19,7 @@ goes onto the original full-precision base (merge.py).
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,28 @@ def load_model(path: str, dtype: str, quantized: Quantize, revision: str | None 
             module.support_avx512bf16_for_cpu = False
     if torch.device(device).type == "cpu":
         _own_memory(model)
+    if quantized == "int8" and dtype != "fp16":
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_int8_cast_note)
     return model
+
+
+class _Once(logging.Filter):
+    """Lets a log message that starts with `prefix` through the first time only."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        seen, self.seen = self.seen, True
+        return not seen
+
+
+# bitsandbytes logs "MatMul8bitLt: inputs will be cast from ... to float16" on every int8 matmul of a bf16/fp32
+# base (LLM.int8() quantizes its inputs from fp16, by design): once is enough.
+_int8_cast_note = _Once("MatMul8bitLt: inputs will be cast")
 
 
 def _own_memory(model: torch.nn.Module) -> None:

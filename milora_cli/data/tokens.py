@@ -98,8 +98,18 @@ class Batch:
     n_tokens: int  # input tokens, padding excluded
 
     def to(self, device: torch.device | str) -> Batch:
-        moved = {key: value.to(device, non_blocking=True) for key, value in self.inputs.items()}
-        return Batch(moved, self.labels, self.positions.to(device, non_blocking=True), self.targets.to(device, non_blocking=True), self.n_tokens)
+        """The batch on `device`; to a GPU, through pinned memory, so the copies overlap with compute.
+
+        A non_blocking copy from pageable memory is staged through a pinned buffer by the driver anyway and
+        does not overlap; pinning here makes it truly asynchronous (the collate runs on the CPU meanwhile).
+        """
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.pin_memory().to(device, non_blocking=True)
+
+        return Batch({key: move(value) for key, value in self.inputs.items()}, self.labels, move(self.positions), move(self.targets), self.n_tokens)
 
 
 def _label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,11 +131,15 @@ class Collator:
              eager, on CPU): one row of 16 examples costs ~16x the attention of 16 rows. The rows are padded to
              the longest, and that padding is a segment of its own (positions from 0 again), so no attention
              mask is needed. Which example goes to which row is `pack_rows`.
+    one row  (`row_tokens=None`) the whole micro-batch packed into a single row: what flash attention needs, since
+             transformers takes its variable-length path only for a batch of one row
+             (modeling_flash_attention_utils._is_packed_sequence); with more rows it would attend across the
+             examples of a row. Flash attention's varlen kernel costs no square of the row's length.
     """
 
     pad_token_id: int
     packed: bool = False
-    row_tokens: int = 256
+    row_tokens: int | None = 256
 
     def __call__(self, batch: list[TokenizedExample]) -> Batch:
         return self._packed(batch) if self.packed else self._padded(batch)
@@ -146,7 +160,7 @@ class Collator:
 
     def _packed(self, batch: list[TokenizedExample]) -> Batch:
         lengths = [len(t.input_ids) for t in batch]
-        rows = pack_rows(lengths, self.row_tokens)
+        rows = [list(range(len(batch)))] if self.row_tokens is None else pack_rows(lengths, self.row_tokens)
         used = [sum(lengths[i] for i in row) for row in rows]  # tokens of each row
         grid = [[], [], []]  # input ids, position ids, labels of each row, its padding a segment of its own
         for row, n in zip(rows, used, strict=True):

@@ -71,6 +71,26 @@ def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         param.grad.copy_(grad.view_as(param.grad))
 
 
+def any_process(flag: bool, group=None) -> bool:
+    """Whether `flag` is set on any process (a collective: every process calls it at the same point).
+
+    The reduction runs over a gloo group on a CPU tensor (`control_group()`): under NCCL the default group
+    reduces device tensors only, and reading the result back with .item() would make the host wait for
+    the GPU at every call.
+    """
+    flag_tensor = torch.tensor([int(flag)], dtype=torch.int32)  # on the CPU
+    torch.distributed.all_reduce(flag_tensor, op=torch.distributed.ReduceOp.MAX, group=group)
+    return bool(flag_tensor.item())
+
+
+def control_group():
+    """A process group for small CPU-side decisions: the default group when it already runs gloo, else a
+    new gloo group over the same processes (a collective: every process creates it)."""
+    if torch.distributed.get_backend() == "gloo":
+        return None
+    return torch.distributed.new_group(backend="gloo")
+
+
 def seed_rank(seed: int, ranks: Ranks) -> None:
     """Give every rank its own dropout stream once the shared initialisation is done.
 

@@ -151,11 +151,17 @@ def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: run_
                 stream=stream, max_steps=max_steps, saver=saver, benchmarks=benchmarks, log=None, reduce_gradients=reduce)
 
 
+def collator(recipe: Recipe, model: torch.nn.Module, pad_token_id: int) -> tokens.Collator:
+    """The training and validation collate: rows of at most data.max_length tokens, or, under flash attention,
+    the whole micro-batch in one row (the only packed layout transformers' flash attention keeps apart)."""
+    one_row = recipe.model.attn_implementation == "flash_attention_2"
+    return tokens.Collator(pad_token_id, packed=packs(recipe.data.packing, model), row_tokens=None if one_row else recipe.data.max_length)
+
+
 def _run_loop(loop: Loop, console: Console) -> None:
     """Optimizer steps up to max_steps; a signal stops after a whole step with a checkpoint to resume from."""
     cfg, accelerator, setup = loop.recipe.train, loop.accelerator, loop.setup
-    collate = tokens.Collator(setup.tokenizer.pad_token_id, packed=packs(loop.recipe.data.packing, setup.model),
-                              row_tokens=loop.recipe.data.max_length)
+    collate = collator(loop.recipe, setup.model, setup.tokenizer.pad_token_id)
     window = Window()
     loop.loss_module.train()
     with Progress(console, loop.max_steps, start_step=loop.step, enabled=loop.saver.run.main) as progress, _interrupt_flag() as interrupted:
@@ -220,6 +226,12 @@ def autocast_dtype(mixed_precision: str, base_dtype: str, cuda: bool) -> str:
     Autocast to a dtype the frozen base is not stored in casts every base weight on every op and keeps
     the cast copies for backward (~16 GB for an 8B fp32 base under bf16): store the base in it instead.
     """
+    if base_dtype == "fp16" and not (cuda and mixed_precision in ("auto", "fp16")):
+        # fp16 gradients through the frozen base underflow without a loss scaler, and accelerate makes one only
+        # for mixed_precision=fp16 on a GPU: anything else would train silently wrong.
+        where = "on a CPU" if not cuda else f"with train.mixed_precision={mixed_precision}"
+        raise RecipeError(f"model.dtype=fp16 {where} would train without a loss scaler (fp16 gradients underflow); "
+                          "use model.dtype=bf16 or fp32" + ("" if not cuda else ", or train.mixed_precision=fp16"))
     if mixed_precision == "auto":
         return base_dtype if cuda and base_dtype in ("bf16", "fp16") else "no"
     if mixed_precision != "no" and mixed_precision != base_dtype:
@@ -270,12 +282,15 @@ def _interrupt_flag():
             raise KeyboardInterrupt
         hit["signal"] = True
 
+    group = {}
+
     def interrupted(accelerator: Accelerator) -> bool:
         if accelerator.num_processes == 1:
             return hit["signal"]
         # Every process must stop at the same step, or the others would wait forever in a collective.
-        flag = torch.tensor(float(hit["signal"]), device=accelerator.device)
-        return accelerator.reduce(flag, "sum").item() > 0
+        if "control" not in group:  # made at the first check, which every process reaches at the same step
+            group["control"] = distributed.control_group()
+        return distributed.any_process(hit["signal"], group["control"])
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
