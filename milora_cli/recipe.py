@@ -3,43 +3,22 @@
 from __future__ import annotations
 
 import difflib
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from milora_cli import atomic, locate
-from milora_cli.choices import DEFAULT_SHARD_SIZE, Dtype, MergeFormat, Quantize  # noqa: F401 - modules import them from here
+from milora_cli import locate
+from milora_cli.choices import (  # noqa: F401 - modules import the recipe's choices from here too
+    DEFAULT_SHARD_SIZE, BenchmarkTask, Dtype, Init, MergeFormat, ModelDtype, Packing, Quantize, SvdDriver, SvdDtype, Tracker,
+)
 from milora_cli.errors import RecipeError
+from milora_cli.recipe_yaml import apply_override, read_recipe_file  # noqa: F401 - apply_override: tests import it from here
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 # Common names from other tools, so that a misspelt key gets the right suggestion.
 _ALIASES = {"rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "learning_rate": "lr", "tensorboard": "report_to"}
-# The choices the recipe and the CLI share (those the command line offers are defined in choices.py); modules import them from here.
-# model.dtype also takes fp64: the whole run (base, factors, optimizer) in float64, where an equality that is exact
-# in exact arithmetic (packed == padded, N processes == one, resume == straight) holds to ~1e-12 on any CPU.
-ModelDtype = Literal["fp32", "bf16", "fp16", "fp64"]
-Init = Literal["milora", "pissa", "lora", "mica"]
-SvdDtype = Literal["float32", "float64"]
-SvdDriver = Literal["gram", "svd"]
-Packing = Literal["auto", "on", "off"]
-# The benchmarks `milora eval` and the recipe's eval.tasks know (tasks.py holds their data and protocols).
-BenchmarkTask = Literal[
-    "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
-    "gsm8k", "math", "math500", "wikitext",
-]
-Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "comet", "none"]  # as HF's report_to; training/trackers.py
-
-
-class _Yaml12(yaml.SafeLoader):
-    """Recipes and overrides are read with YAML 1.2's booleans, true/false only: YAML 1.1 (PyYAML's default) also reads
-    on/off/yes/no as booleans, which refused `packing: off` and `mixed_precision: no`. A bool field still takes those
-    words (pydantic reads them as booleans)."""
-
-    yaml_implicit_resolvers = {first: [(tag, re.compile("^(?:true|True|TRUE|false|False|FALSE)$") if tag.endswith(":bool") else regexp)
-                                       for tag, regexp in resolvers] for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
 class _Section(BaseModel):
@@ -249,38 +228,10 @@ def eval_settings(values: dict[str, Any], flags: dict[str, str] | None = None) -
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe, apply `section.key=value` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}")
-    try:
-        raw = yaml.load(atomic.read_text(path, RecipeError), Loader=_Yaml12) or {}
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of sections (model, adapter, data, train, output)")
+    raw = read_recipe_file(Path(path))
     for override in overrides:
         apply_override(raw, override)
     return validate(raw, source=str(path))
-
-
-def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Set `a.b.c=value` in the nested dict; the value is parsed as recipe YAML (1e-4, true, off, [q_proj, v_proj])."""
-    key, sep, text = override.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise RecipeError(f"override '{override}' is not of the form section.key=value")
-    node = raw
-    *parents, leaf = key.split(".")
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise RecipeError(f"override '{override}': '{part}' is a value, not a section")
-        node = child
-    try:
-        node[leaf] = yaml.load(text, Loader=_Yaml12) if text else None
-    except yaml.YAMLError:
-        node[leaf] = text
 
 
 def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
