@@ -101,15 +101,24 @@ class AdapterConfig(_Section):
 
 class DataConfig(_Section):
     path: str | None = Field(None, description="Training data: a local .json/.jsonl/.parquet file or a hub dataset id.")
-    builtin: Literal["quickstart"] | None = Field(None, description="A dataset milora generates itself, instead of `path`.")
-    format: Literal["auto", "llm_adapters", "alpaca", "gsm8k", "metamath"] = Field(
-        "auto", description="Record layout; auto detects it from the first record's keys."
+    builtin: Literal["quickstart", "quickstart_chat"] | None = Field(
+        None, description="A dataset milora generates itself, instead of `path`: quickstart (Alpaca prompts) or quickstart_chat (conversations)."
+    )
+    format: Literal["auto", "llm_adapters", "alpaca", "gsm8k", "metamath", "messages", "text"] = Field(
+        "auto",
+        description="Record layout; auto detects it from the first record's keys. messages: conversations (OpenAI `messages` "
+        "of role/content or ShareGPT `conversations` of from/value) through the chat template; text: a `text` field, loss on every token.",
+    )
+    chat_template: str | None = Field(
+        None, description="A Jinja chat template file that replaces the tokenizer's own for conversations (format messages)."
     )
     split: str = Field("train", description="Split of a hub dataset.")
     validation_path: str | None = Field(None, description="Separate validation data (file or hub id); else held out from `path`.")
     val_size: int = Field(120, ge=0, description="Examples held out for validation when there is no validation_path.")
     max_length: int = Field(256, ge=8, description="Tokens per example; longer ones are truncated and counted.")
-    train_on_prompt: bool = Field(False, description="Also compute the loss on the prompt (default: response only).")
+    train_on_prompt: bool = Field(
+        False, description="Also compute the loss on the prompt (default: the response only; for conversations, the assistant turns only)."
+    )
     max_examples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
     packing: Packing = Field(
         "auto",

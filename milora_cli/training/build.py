@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from milora_cli import adapter, models, quantize
-from milora_cli.data import records, tokens
+from milora_cli.data import chat, records, tokens
 from milora_cli.errors import RecipeError
 from milora_cli.evaluation import tasks
 from milora_cli.recipe import Recipe, dump_recipe
@@ -43,10 +43,13 @@ def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO") -
     """
     tasks.check_data(recipe.eval.tasks, recipe.eval.data_dir, "eval.data_dir")
     train_examples, val_examples = records.load_records(recipe.data, recipe.train.seed)  # first: no model load to fail after
+    template = chat.read_template(recipe.data.chat_template)
     cfg = recipe.model
     quantize.check(cfg.quantize, cfg.dtype, torch.device(device).type, distributed)
     path = models.resolve(cfg.name_or_path, cfg.revision)  # a local folder: the hub's files are fetched or cached
     tokenizer = models.load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+    if template is not None:
+        tokenizer.chat_template = template
     model = quantize.load_model(path, cfg.dtype, cfg.quantize, trust_remote_code=cfg.trust_remote_code, device=device,
                                 attn_implementation=cfg.attn_implementation)
     names = adapter.find_targets(model, recipe.adapter.target_modules)
