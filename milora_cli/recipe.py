@@ -30,6 +30,8 @@ BenchmarkTask = Literal[
 ]
 # How the frozen base is stored (quantize.py): bitsandbytes' 4-bit NormalFloat or float, LLM.int8(), or not at all.
 Quantize = Literal["none", "nf4", "fp4", "int8"]
+# How benchmark questions are put to the model: the paper's Alpaca prompt, or one user turn through its chat template.
+PromptStyle = Literal["alpaca", "chat"]
 
 
 class _Section(BaseModel):
@@ -188,6 +190,9 @@ class EvalConfig(_Section):
     )
     limit: int | None = Field(None, ge=1, description="First examples per benchmark task (WikiText: windows); null: all.")
     every: int | None = Field(None, ge=1, description="Also run the benchmarks every this many training steps; null: after training only.")
+    prompt: PromptStyle = Field(
+        "alpaca", description="How benchmark questions are asked: the paper's Alpaca prompt, or one user turn through the model's chat template."
+    )
     num_beams: int = Field(1, ge=1, description="Beams of benchmark generation; 1 is greedy (the commonsense reference uses 4).")
     choice_max_new_tokens: int = Field(32, ge=1, description="Tokens generated per commonsense question (the reference's 32).")
     math_max_new_tokens: int = Field(512, ge=1, description="Tokens generated per GSM8K / MATH problem (MetaMath's 512).")

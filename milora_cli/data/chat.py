@@ -115,6 +115,17 @@ def render(tokenizer: Any, messages: tuple[Message, ...], generation_prompt: boo
         raise DataError(f"the chat template cannot render the conversation: {str(error).strip() or type(error).__name__}") from None
 
 
+def user_prompt(tokenizer: Any):
+    """(instruction, input) -> one user turn (the input after a blank line) through the chat template with the
+    generation prompt: a benchmark question as a chat model is asked it (`milora eval --prompt chat`)."""
+
+    def prompt(instruction: str, input: str) -> str:  # noqa: A002 - the field's name in every dataset
+        question = f"{instruction}\n\n{input}" if input else instruction
+        return render(tokenizer, (Message("user", question),), generation_prompt=True)
+
+    return prompt
+
+
 def segments(tokenizer: Any, conversation: Conversation) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, is_assistant_turn) pieces at the template's own turn boundaries.
 
