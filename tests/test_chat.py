@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import REPO
 from test_packing import assert_packing_is_exact
+from typer.testing import CliRunner
 
+from milora_cli.cli import app
 from milora_cli.data import chat, quickstart, records, tokens
 from milora_cli.data.chat import Conversation, Message
 from milora_cli.errors import DataError
@@ -177,3 +180,13 @@ def test_text_is_cut_into_rows_of_max_length_and_trained_on_every_token(smol_tok
     assert [token for piece in pieces for token in piece] == [token for ids in by_document for token in ids]  # nothing lost
     assert max(map(len, pieces)) == 32 and all(t.labels == t.input_ids for t in dataset.examples)
     assert dataset.n_truncated == 0 and len(pieces) == sum(-(-len(ids) // 32) for ids in by_document)
+
+
+def test_dry_run_shows_the_first_conversation_and_its_assistant_tokens(tiny_model_dir, smol_tokenizer):
+    result = CliRunner().invoke(app, ["train", str(REPO / "recipes/quickstart_chat.yaml"), f"model.name_or_path={tiny_model_dir}", "--dry-run"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    first = records.normalize_record(quickstart.generate_chat(seed=42)[0][0], "messages")
+    ids, trained = chat.tokenize_conversation(smol_tokenizer, first)
+    assert f"{sum(trained[1:])} of {len(ids)} tokens carry loss" in result.output  # the answer and its <|im_end|>
+    assert chat.render(smol_tokenizer, first.messages).strip() in result.output
