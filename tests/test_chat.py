@@ -9,10 +9,14 @@ independent construction: transformers' own `return_assistant_tokens_mask` on a 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
-from helpers import REPO
+from helpers import REPO, torch_threads
+from rich.console import Console
+from test_distributed import torchrun, write_recipe
 from test_packing import assert_packing_is_exact
+from test_train import factors, max_rel_diff, tiny_recipe
 from typer.testing import CliRunner
 
 from milora_cli.cli import app
@@ -20,7 +24,8 @@ from milora_cli.data import chat, quickstart, records, tokens
 from milora_cli.data.chat import Conversation, Message
 from milora_cli.errors import DataError
 from milora_cli.evaluation import generate
-from milora_cli.recipe import DataConfig
+from milora_cli.recipe import DataConfig, validate
+from milora_cli.training.train import train
 
 # SmolLM2-135M-Instruct's chat_template.jinja (the file beside its tokenizer in milora's model cache, as the
 # HuggingFaceTB/SmolLM2-135M-Instruct repository ships it), with transformers' generation markers added around the
@@ -190,3 +195,32 @@ def test_dry_run_shows_the_first_conversation_and_its_assistant_tokens(tiny_mode
     ids, trained = chat.tokenize_conversation(smol_tokenizer, first)
     assert f"{sum(trained[1:])} of {len(ids)} tokens carry loss" in result.output  # the answer and its <|im_end|>
     assert chat.render(smol_tokenizer, first.messages).strip() in result.output
+
+
+def test_conversations_train_alike_on_two_processes_and_resume_to_the_straight_run(tiny_model_dir, tmp_path):
+    """The distributed and resume paths of test_distributed.py, on conversations: 2 processes score the held-out
+    conversations (through the chat template) as one does and train the same adapter; a resume equals the straight run."""
+    rows = [{**row, "answer": row["messages"][2]["content"].split()[0]} for row in chat_rows(24)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+
+    def recipe(out) -> dict:
+        raw = tiny_recipe(tiny_model_dir, data, out, micro_batch_size=2, global_batch_size=4, max_steps=6, save_every=3, eval_every=None)
+        raw["data"]["val_size"] = 6
+        raw["eval"] = {"heldout": 6, "batch_size": 2, "max_new_tokens": 4}
+        return raw
+    one, two, stopped = tmp_path / "one", tmp_path / "two", tmp_path / "stopped"
+    with torch_threads(1):  # as the torchrun children (OMP_NUM_THREADS=1)
+        train(validate(recipe(one)), Console(quiet=True))
+    torchrun(write_recipe(tmp_path / "two.yaml", recipe(two)))
+    heldout = [json.loads(line) for line in (one / "heldout_after.jsonl").read_text().splitlines()]
+    assert len(heldout) == 6 and heldout[0]["instruction"].startswith("Repeat ")
+    for name in ("heldout_before.jsonl", "heldout_after.jsonl"):
+        assert (two / name).read_text() == (one / name).read_text()
+    assert max_rel_diff(factors(two / "adapter"), factors(one / "adapter")) < 1e-4  # test_distributed's bound for the same runs
+    # The 1-process run stopped after its step-3 checkpoint, resumed.
+    shutil.copytree(one, stopped, ignore=shutil.ignore_patterns("adapter", "best", "summary.json"))
+    (stopped / "recipe.yaml").write_text((one / "recipe.yaml").read_text().replace(str(one), str(stopped)))
+    with torch_threads(1):
+        summary = train(validate(recipe(stopped)), Console(quiet=True), resume_at="latest")
+    assert "heldout_before" not in summary  # resumed, not trained again from the start
+    assert summary["steps"] == 6 and max_rel_diff(factors(stopped / "adapter"), factors(one / "adapter")) <= 1e-6
