@@ -30,8 +30,7 @@ BenchmarkTask = Literal[
 ]
 # How the frozen base is stored (quantize.py): bitsandbytes' 4-bit NormalFloat or float, LLM.int8(), or not at all.
 Quantize = Literal["none", "nf4", "fp4", "int8"]
-# How benchmark questions are put to the model: the paper's Alpaca prompt, or one user turn through its chat template.
-PromptStyle = Literal["alpaca", "chat"]
+PromptStyle = Literal["alpaca", "chat"]  # benchmark questions: the paper's Alpaca prompt, or one user turn through the chat template
 
 
 class _Section(BaseModel):
@@ -103,24 +102,18 @@ class AdapterConfig(_Section):
 
 class DataConfig(_Section):
     path: str | None = Field(None, description="Training data: a local .json/.jsonl/.parquet file or a hub dataset id.")
-    builtin: Literal["quickstart", "quickstart_chat"] | None = Field(
-        None, description="A dataset milora generates itself, instead of `path`: quickstart (Alpaca prompts) or quickstart_chat (conversations)."
-    )
+    builtin: Literal["quickstart", "quickstart_chat"] | None = Field(None, description="A dataset milora generates itself, instead of `path`.")
     format: Literal["auto", "llm_adapters", "alpaca", "gsm8k", "metamath", "messages", "text"] = Field(
         "auto",
         description="Record layout; auto detects it from the first record's keys. messages: conversations (OpenAI `messages` "
         "of role/content or ShareGPT `conversations` of from/value) through the chat template; text: a `text` field, loss on every token.",
     )
-    chat_template: str | None = Field(
-        None, description="A Jinja chat template file that replaces the tokenizer's own for conversations (format messages)."
-    )
+    chat_template: str | None = Field(None, description="A Jinja chat template file that replaces the tokenizer's own (format messages).")
     split: str = Field("train", description="Split of a hub dataset.")
     validation_path: str | None = Field(None, description="Separate validation data (file or hub id); else held out from `path`.")
     val_size: int = Field(120, ge=0, description="Examples held out for validation when there is no validation_path.")
-    max_length: int = Field(256, ge=8, description="Tokens per example; longer ones are truncated and counted.")
-    train_on_prompt: bool = Field(
-        False, description="Also compute the loss on the prompt (default: the response only; for conversations, the assistant turns only)."
-    )
+    max_length: int = Field(256, ge=8, description="Tokens per example; longer ones are truncated and counted (text is cut into pieces of it).")
+    train_on_prompt: bool = Field(False, description="Also compute the loss on the prompt (default: the response, or the assistant turns, only).")
     max_examples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
     packing: Packing = Field(
         "auto",
@@ -190,9 +183,7 @@ class EvalConfig(_Section):
     )
     limit: int | None = Field(None, ge=1, description="First examples per benchmark task (WikiText: windows); null: all.")
     every: int | None = Field(None, ge=1, description="Also run the benchmarks every this many training steps; null: after training only.")
-    prompt: PromptStyle = Field(
-        "alpaca", description="How benchmark questions are asked: the paper's Alpaca prompt, or one user turn through the model's chat template."
-    )
+    prompt: PromptStyle = Field("alpaca", description="Benchmark questions as the paper's Alpaca prompt, or one user turn through the chat template.")
     num_beams: int = Field(1, ge=1, description="Beams of benchmark generation; 1 is greedy (the commonsense reference uses 4).")
     choice_max_new_tokens: int = Field(32, ge=1, description="Tokens generated per commonsense question (the reference's 32).")
     math_max_new_tokens: int = Field(512, ge=1, description="Tokens generated per GSM8K / MATH problem (MetaMath's 512).")

@@ -32,7 +32,7 @@ class Setup:
     adapters: dict[str, adapter.MiloraLinear]
     train_set: tokens.TokenizedDataset
     val_set: tokens.TokenizedDataset
-    val_examples: list[records.Example]
+    val_examples: list[records.Record]
     model_path: str
 
 
