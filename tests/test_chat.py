@@ -224,3 +224,16 @@ def test_conversations_train_alike_on_two_processes_and_resume_to_the_straight_r
         summary = train(validate(recipe(stopped)), Console(quiet=True), resume_at="latest")
     assert "heldout_before" not in summary  # resumed, not trained again from the start
     assert summary["steps"] == 6 and max_rel_diff(factors(stopped / "adapter"), factors(one / "adapter")) <= 1e-6
+
+
+def test_data_chat_template_gives_a_tokenizer_without_one_the_named_template(tiny_model_dir, smollm2_path, tmp_path):
+    """A model whose tokenizer has no chat template (refused alone, tests/test_bad_input.py) trains on conversations
+    with data.chat_template naming SmolLM2's real chat_template.jinja."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").unlink()
+    template = f"{smollm2_path}/chat_template.jinja"
+    result = CliRunner().invoke(app, ["train", str(REPO / "recipes/quickstart_chat.yaml"), f"model.name_or_path={model}",
+                                      f"data.chat_template={template}", "--dry-run"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "<|im_start|>assistant" in result.output and "tokens carry loss" in result.output
