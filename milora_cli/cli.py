@@ -17,6 +17,7 @@ from milora_cli import terminal
 from milora_cli.choices import DEFAULT_SHARD_SIZE
 from milora_cli.choices import Dtype as DtypeName
 from milora_cli.choices import MergeFormat as MergeFormatName
+from milora_cli.choices import PromptStyle as PromptStyleName
 from milora_cli.choices import Quantize as QuantizeName
 from milora_cli.errors import MiloraError
 
@@ -133,6 +134,7 @@ Dtype = _choices("Dtype", DtypeName)
 
 
 QuantizeChoice = _choices("QuantizeChoice", QuantizeName)
+PromptChoice = _choices("PromptChoice", PromptStyleName)
 
 
 @app.command()
@@ -205,7 +207,8 @@ def svd_inspect(
 
 # eval's recipe keys -> the flags that set them, so that an error names what the user typed
 _EVAL_FLAGS = {"tasks": "--tasks", "data_dir": "--data-dir", "limit": "--limit", "batch_size": "--batch-size",
-               "num_beams": "--num-beams", "choice_max_new_tokens": "--max-new-tokens", "math_max_new_tokens": "--max-new-tokens"}
+               "num_beams": "--num-beams", "prompt": "--prompt", "choice_max_new_tokens": "--max-new-tokens",
+               "math_max_new_tokens": "--max-new-tokens"}
 
 
 _MODEL_OR_RUN = "Model folder, hub id or smollm2-135m; a merged folder; or a run dir / adapter folder (base + adapter, unmerged)."
@@ -223,6 +226,11 @@ def eval_(
     limit: Annotated[int | None, typer.Option(help="First N examples per task (WikiText: N windows). Default: all.", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per generation batch. Default: 16.", show_default=False)] = None,
     num_beams: Annotated[int | None, typer.Option(help="Beam search width; 1 (the default) is greedy.", show_default=False)] = None,
+    prompt: Annotated[
+        PromptChoice,
+        typer.Option(help="alpaca: the paper's prompt, as milora trains instructions; chat: the question as one user turn "
+                          "through the model's chat template (for chat models, or runs tuned on conversations)."),
+    ] = PromptChoice.alpaca,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Tokens generated per example. Default: 32 commonsense, 512 GSM8K/MATH.", show_default=False)
     ] = None,
@@ -250,7 +258,7 @@ def eval_(
 
     names = [name.strip() for name in tasks.split(",") if name.strip()]
     cfg = eval_settings({"tasks": names, "data_dir": data_dir, "limit": limit, "batch_size": batch_size, "num_beams": num_beams,
-                         "choice_max_new_tokens": max_new_tokens, "math_max_new_tokens": max_new_tokens}, _EVAL_FLAGS)
+                         "prompt": prompt.value, "choice_max_new_tokens": max_new_tokens, "math_max_new_tokens": max_new_tokens}, _EVAL_FLAGS)
     run_eval(model_or_run, cfg, output, dtype.value if dtype else None, console, quantize.value if quantize else None, base=base, force=force,
              trust=Trust(remote_code=trust_remote_code, pickle_weights=allow_pickle_weights))
 

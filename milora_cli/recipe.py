@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from milora_cli import locate
 from milora_cli.choices import (  # noqa: F401 - modules import the recipe's choices from here too
-    DEFAULT_SHARD_SIZE, BenchmarkTask, Dtype, Init, MergeFormat, ModelDtype, Packing, Quantize, SvdDriver, SvdDtype, Tracker,
+    DEFAULT_SHARD_SIZE, BenchmarkTask, Dtype, Init, MergeFormat, ModelDtype, Packing, PromptStyle, Quantize, SvdDriver, SvdDtype,
+    Tracker,
 )
 from milora_cli.errors import RecipeError
 from milora_cli.recipe_yaml import apply_override, read_recipe_file  # noqa: F401 - apply_override: tests import it from here
@@ -98,9 +99,11 @@ class AdapterConfig(_Section):
 
 class DataConfig(_Section):
     path: str | None = Field(None, description="Training data: a local .json/.jsonl/.parquet file or a hub dataset id.")
-    builtin: Literal["quickstart"] | None = Field(None, description="A dataset milora generates itself, instead of `path`.")
-    format: Literal["auto", "llm_adapters", "alpaca", "gsm8k", "metamath"] = Field(
-        "auto", description="Record layout; auto detects it from the first record's keys."
+    builtin: Literal["quickstart", "quickstart_chat"] | None = Field(None, description="A dataset milora generates itself, instead of `path`.")
+    format: Literal["auto", "llm_adapters", "alpaca", "gsm8k", "metamath", "messages", "text"] = Field(
+        "auto",
+        description="Record layout; auto detects it from the first record's keys. messages: conversations (OpenAI `messages` "
+        "of role/content or ShareGPT `conversations` of from/value) through the chat template; text: a `text` field, loss on every token.",
     )
     config: str | None = Field(None, description="Config (subset) of a hub dataset, as its card names it; null: its default.")
     split: str = Field("train", description="Split of a hub dataset's config that is trained on (its card's split names).")
@@ -108,10 +111,11 @@ class DataConfig(_Section):
     validation_split: str | None = Field(
         None, description="Validate on this split (e.g. validation or test) of the same hub dataset and config, or of a hub validation_path."
     )
+    chat_template: str | None = Field(None, description="A Jinja chat template file that replaces the tokenizer's own (format messages).")
     validation_path: str | None = Field(None, description="Separate validation data (file or hub id); else held out from `path`.")
     val_size: int = Field(120, ge=0, description="Examples held out for validation without validation_path or validation_split.")
-    max_length: int = Field(256, ge=8, description="Tokens per example; longer ones are truncated and counted.")
-    train_on_prompt: bool = Field(False, description="Also compute the loss on the prompt (default: response only).")
+    max_length: int = Field(256, ge=8, description="Tokens per example; longer ones are truncated and counted (text is cut into pieces of it).")
+    train_on_prompt: bool = Field(False, description="Also compute the loss on the prompt (default: the response, or the assistant turns, only).")
     max_examples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
     packing: Packing = Field(
         "auto",
@@ -199,6 +203,7 @@ class EvalConfig(_Section):
     )
     limit: int | None = Field(None, ge=1, description="First examples per benchmark task (WikiText: windows); null: all.")
     every: int | None = Field(None, ge=1, description="Also run the benchmarks every this many training steps; null: after training only.")
+    prompt: PromptStyle = Field("alpaca", description="Benchmark questions as the paper's Alpaca prompt, or one user turn through the chat template.")
     num_beams: int = Field(1, ge=1, description="Beams of benchmark generation; 1 is greedy (the commonsense reference uses 4).")
     choice_max_new_tokens: int = Field(32, ge=1, description="Tokens generated per commonsense question (the reference's 32).")
     math_max_new_tokens: int = Field(512, ge=1, description="Tokens generated per GSM8K / MATH problem (MetaMath's 512).")

@@ -152,6 +152,12 @@ def latin1(path: Path, text: str) -> None:
     path.write_bytes(text.encode("latin-1"))
 
 
+def train_on(w: World, rows: list[dict], *overrides: str) -> list:
+    """`milora train` of the stopped run's recipe on `rows` (a .jsonl data file) into a new folder."""
+    (w.tmp / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return ["train", w.recipe, f"data.path={w.tmp / 'd.jsonl'}", f"output.dir={w.tmp / 'new'}", *overrides]
+
+
 @dataclass
 class Case:
     name: str  # what the user did
@@ -249,6 +255,23 @@ CASES = [
     Case("10 trained a recipe whose eval.data_dir does not exist",
          lambda w: ["train", w.recipe, "eval.tasks=[boolq]", f"eval.data_dir={w.tmp / 'nope'}", f"output.dir={w.tmp / 'new'}"],
          "eval.data_dir"),
+    # 11. conversations and text that cannot train (issue 19): refused when the data is read, before anything is written
+    Case("11 trained on a conversation without an assistant turn",
+         lambda w: train_on(w, [{"messages": [{"role": "user", "content": "Hi"}]}]), "no assistant turn"),
+    Case("11 trained on a conversation with the role 'bot'",
+         lambda w: train_on(w, [{"messages": [{"role": "user", "content": "Hi"}, {"role": "bot", "content": "Yo"}]}]), "unknown role 'bot'"),
+    Case("11 trained on a conversation with an empty assistant turn",
+         lambda w: train_on(w, [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": ""}]}]), "empty content"),
+    Case("11 trained on a text record without text", lambda w: train_on(w, [{"text": "Some words."}, {"text": None}]),
+         "record 1: a text record needs a non-empty string 'text'"),
+    Case("11 trained conversations on a model whose tokenizer has no chat template",
+         lambda w: [(w.tmp / "model" / "chat_template.jinja").unlink(),
+                    *train_on(w, [{"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)}]}
+                                  for i in range(12)], f"model.name_or_path={w.tmp / 'model'}")][1:],
+         "has no chat template"),
+    Case("11 named a data.chat_template file that is not there",
+         lambda w: train_on(w, [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}] * 12,
+                            f"data.chat_template={w.tmp / 'chatml.jinja'}"), "chatml.jinja is not a file"),
     # messages: literal text, the flag the user typed, the keys that differ, a moved base
     Case("messages: evaluated again with another --dtype",
          lambda w: [cli(*eval_args(w, w.model, w.tmp / "e")), *eval_args(w, w.model, w.tmp / "e", "--dtype", "bf16")][1:], "[bf16]"),

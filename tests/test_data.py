@@ -288,7 +288,7 @@ def test_builtin_registry(monkeypatch):
         rows = [{"instruction": f"i{seed}-{k}", "input": "", "output": "o", "answer": None} for k in range(4)]
         return rows[:3], rows[3:]
 
-    monkeypatch.setitem(builtin.BUILTINS, "toy", builtin.Builtin(generate, lambda generation, record: True))
+    monkeypatch.setitem(builtin.BUILTINS, "toy", builtin.Builtin(generate, lambda generation, record: True, "llm_adapters"))
     train, val = load_records(make_cfg(builtin="toy", max_examples=2), seed=5)
     assert [ex.instruction for ex in train] == ["i5-0", "i5-1"] and [ex.instruction for ex in val] == ["i5-3"]
     with pytest.raises(DataError, match="unknown builtin dataset 'nope'"):

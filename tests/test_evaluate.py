@@ -217,6 +217,26 @@ def test_an_output_folder_of_other_settings_is_refused(tiny, tmp_path):
         suite.evaluate_model(model, tokenizer, eval_cfg(data_dir, limit=2), out, "another model", QUIET)
 
 
+def test_chat_prompts_ask_each_question_as_one_user_turn_through_the_chat_template(tiny, tmp_path):
+    model, tokenizer = tiny
+    data_dir, out = tiny_data_dir(tmp_path), tmp_path / "chat"
+
+    def asked(question: str) -> str:
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+
+    suite.evaluate_model(model, tokenizer, eval_cfg(data_dir, limit=3, tasks=["boolq"], prompt="chat"), out, "tiny", QUIET)
+    questions = json.loads((data_dir / "commonsense/boolq/test.json").read_text())
+    scored = read_results(out)
+    assert len(scored) == 3 and all(r["prompt"] == asked(questions[int(r["id"])]["instruction"]) for r in scored)
+    assert scored[0]["prompt"].endswith("<|im_start|>assistant\n")  # SmolLM2's ChatML, the generation prompt last
+    with pytest.raises(EvalError, match="prompt"):  # scores of another prompt are not mixed into the folder
+        suite.evaluate_model(model, tokenizer, eval_cfg(data_dir, limit=3, tasks=["boolq"]), out, "tiny", QUIET)
+    chat_prompt = tasks.prompter("chat", tokenizer)
+    gsm8k = tasks._gsm8k_item({"question": "Two and three?", "answer": "2+3=5\n#### 5"}, 0, "gsm8k", chat_prompt)
+    assert gsm8k.prompt == asked("Two and three?") + tasks.MATH_CUE  # the cue opens the assistant's answer
+    assert chat_prompt("Add.", "2 and 3") == asked("Add.\n\n2 and 3")
+
+
 def test_summary_scores_the_selected_examples_and_averages_commonsense():
     records = [{"task": "boolq", "id": str(i), "correct": i < 3} for i in range(4)]
     records += [{"task": "piqa", "id": "0", "correct": False}, {"task": "piqa", "id": "9", "correct": True}]

@@ -1,8 +1,9 @@
 """Training data as Examples: reading files, hub datasets and builtins, record layouts, the prompt.
 
-Every record, whatever its source layout, becomes an `Example`; every Example is rendered through the one
-Alpaca / LLM-Adapters prompt (`format_prompt`), at training time and at evaluation time alike, so the
-model is scored on exactly the prompts it was tuned on.
+Every instruction record, whatever its source layout, becomes an `Example`; every Example is rendered
+through the one Alpaca / LLM-Adapters prompt (`format_prompt`), at training time and at evaluation time
+alike, so the model is scored on exactly the prompts it was tuned on. Conversations and plain text
+(data.format messages, text) become chat.Conversation and chat.Text (data/chat.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from milora_cli import atomic, locate
-from milora_cli.data import builtin, hub
+from milora_cli.data import builtin, chat, hub
 from milora_cli.errors import DataError
 from milora_cli.evaluation.answers import ANSWER_MARKER
 
@@ -41,6 +42,9 @@ class Example:
     input: str
     output: str
     answer: str | None
+
+
+Record = Example | chat.Conversation | chat.Text  # what a record of any layout becomes
 
 
 def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - the field's name in every dataset
@@ -122,11 +126,13 @@ def _from_metamath(raw: dict, source: str, index: int | None) -> Example:
     )
 
 
-_NORMALIZERS: dict[str, Callable[[dict, str, int | None], Example]] = {
+_NORMALIZERS: dict[str, Callable[[dict, str, int | None], Record]] = {
     "llm_adapters": _from_instruction,
     "alpaca": _from_instruction,
     "gsm8k": _from_gsm8k,
     "metamath": _from_metamath,
+    "messages": lambda raw, source, index: chat.from_messages(raw, _where(source, index)),
+    "text": lambda raw, source, index: chat.from_text(raw, _where(source, index)),
 }
 
 # Checked in order: the key sets that identify each layout.
@@ -134,6 +140,9 @@ _SIGNATURES: list[tuple[frozenset[str], str]] = [
     (frozenset({"instruction", "output"}), "llm_adapters"),
     (frozenset({"question", "answer"}), "gsm8k"),
     (frozenset({"query", "response"}), "metamath"),
+    (frozenset({"messages"}), "messages"),
+    (frozenset({"conversations"}), "messages"),  # ShareGPT
+    (frozenset({"text"}), "text"),
 ]
 
 
@@ -144,11 +153,12 @@ def detect_format(raw: dict, source: str = "<record>") -> str:
             return fmt
     raise DataError(
         f"{source}: cannot tell the record layout from keys {sorted(raw)}; expected instruction+output "
-        "(llm_adapters, alpaca), question+answer (gsm8k) or query+response (metamath); set data.format"
+        "(llm_adapters, alpaca), question+answer (gsm8k), query+response (metamath), messages or conversations (messages), "
+        "or text (text); set data.format"
     )
 
 
-def normalize_record(raw: dict, fmt: str, *, source: str = "<record>", index: int | None = None) -> Example:
+def normalize_record(raw: dict, fmt: str, *, source: str = "<record>", index: int | None = None) -> Record:
     """One raw record in layout `fmt` ("auto" detects it from this record's keys) -> Example.
 
     `source` and `index` only make error messages point at the offending file and record.
@@ -227,7 +237,7 @@ class Source:
         return read_file(Path(self.path).expanduser())
 
 
-def _read_examples(source: Source, fmt: str) -> list[Example]:
+def _read_examples(source: Source, fmt: str) -> list[Record]:
     raw = source.read()
     if not raw:
         raise DataError(f"{source.path}: no records")
@@ -252,7 +262,7 @@ def _sources(cfg: Any) -> tuple[Source, Source | None]:
     return train, Source(cfg.path, cfg.validation_split, cfg.config, cfg.revision)
 
 
-def load_records(cfg: Any, seed: int) -> tuple[list[Example], list[Example]]:
+def load_records(cfg: Any, seed: int) -> tuple[list[Record], list[Record]]:
     """(train, validation) Examples for a recipe's `data` section.
 
     1. Read cfg.path (a local file, or cfg.split of cfg.config of a hub dataset) or generate cfg.builtin.
@@ -290,11 +300,11 @@ def load_records(cfg: Any, seed: int) -> tuple[list[Example], list[Example]]:
     return train, val
 
 
-def _load_builtin(name: str, seed: int) -> tuple[list[Example], list[Example]]:
+def _load_builtin(name: str, seed: int) -> tuple[list[Record], list[Record]]:
     train, heldout = builtin.generate(name, seed)
 
-    def normalize(records: list[dict], part: str) -> list[Example]:
+    def normalize(records: list[dict], part: str) -> list[Record]:
         source = f"builtin '{name}' {part}"
-        return [normalize_record(r, "llm_adapters", source=source, index=i) for i, r in enumerate(records)]
+        return [normalize_record(r, builtin.layout(name), source=source, index=i) for i, r in enumerate(records)]
 
     return normalize(train, "train"), normalize(heldout, "heldout")

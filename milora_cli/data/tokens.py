@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from rich.text import Text
 
-from milora_cli.data.records import Example, prompt_for_generation
+from milora_cli.data import chat
+from milora_cli.data.records import Record, prompt_for_generation
 from milora_cli.errors import ModelError
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
@@ -29,26 +30,36 @@ class TokenizedExample:
 
 
 def tokenize_example(
-    ex: Example, tokenizer: Any, max_length: int, train_on_prompt: bool
+    ex: Record, tokenizer: Any, max_length: int, train_on_prompt: bool
 ) -> TokenizedExample | None:
     """Token ids and labels for one example; None when truncation leaves no token to learn from.
 
-    Prompt and response are tokenised separately and concatenated, so the mask boundary falls exactly
-    between them and the prompt tokens are the very tokens that generation is conditioned on. The
-    response ends with EOS so the model learns to stop. Truncation keeps the first max_length tokens.
+    Instructions: prompt and response are tokenised separately and concatenated, so the mask boundary falls
+    exactly between them and the prompt tokens are the very tokens that generation is conditioned on. The
+    response ends with EOS so the model learns to stop. Conversations: the chat template's pieces, the loss on
+    the assistant turns (chat.py). Truncation keeps the first max_length tokens.
     """
     if tokenizer.eos_token_id is None:
         raise ModelError("the tokenizer has no eos token; the model could not learn where a response ends")
-    prompt_ids = tokenizer(prompt_for_generation(ex), add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(ex.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    input_ids = prompt_ids + response_ids
-    prompt_labels = list(prompt_ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
-    labels = prompt_labels + response_ids
+    if isinstance(ex, chat.Conversation):
+        input_ids, trained = chat.tokenize_conversation(tokenizer, ex)
+    else:
+        prompt_ids = tokenizer(prompt_for_generation(ex), add_special_tokens=True)["input_ids"]
+        response_ids = tokenizer(ex.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        input_ids, trained = prompt_ids + response_ids, [False] * len(prompt_ids) + [True] * len(response_ids)
+    labels = [token if (on or train_on_prompt) else IGNORE_INDEX for token, on in zip(input_ids, trained, strict=True)]
     truncated = len(input_ids) > max_length
     input_ids, labels = input_ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
         return None
     return TokenizedExample(input_ids=input_ids, labels=labels, truncated=truncated)
+
+
+def _tokenized(ex: Record, tokenizer: Any, max_length: int, train_on_prompt: bool) -> list[TokenizedExample | None]:
+    """An example as the rows it trains: a document is cut into pieces of max_length, each trained on every token."""
+    if isinstance(ex, chat.Text):
+        return [TokenizedExample(ids, list(ids), truncated=False) for ids in chat.text_chunks(tokenizer, ex, max_length)]
+    return [tokenize_example(ex, tokenizer, max_length, train_on_prompt)]
 
 
 @dataclass
@@ -69,14 +80,14 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(
-    examples: Sequence[Example], tokenizer: Any, max_length: int, train_on_prompt: bool
+    examples: Sequence[Record], tokenizer: Any, max_length: int, train_on_prompt: bool
 ) -> TokenizedDataset:
-    tokenized = [tokenize_example(ex, tokenizer, max_length, train_on_prompt) for ex in examples]
+    tokenized = [t for ex in examples for t in _tokenized(ex, tokenizer, max_length, train_on_prompt)]
     kept = [t for t in tokenized if t is not None]
     return TokenizedDataset(
         examples=kept,
         n_truncated=sum(t.truncated for t in kept),
-        n_dropped=len(examples) - len(kept),
+        n_dropped=len(tokenized) - len(kept),
         n_tokens=sum(len(t.input_ids) for t in kept),
         n_label_tokens=sum(label != IGNORE_INDEX for t in kept for label in t.labels),
     )

@@ -9,9 +9,10 @@ from contextlib import contextmanager
 import torch
 
 from milora_cli import dtypes
-from milora_cli.data.records import Example, prompt_for_generation
+from milora_cli.data import chat
+from milora_cli.data.records import Record, prompt_for_generation
 
-Scorer = Callable[[str, Example], bool]
+Scorer = Callable[[str, Record], bool]
 TOKENS_PER_BATCH = 4096  # tokens of one loss-scoring batch (WikiText windows)
 
 
@@ -29,11 +30,12 @@ def eval_mode(model) -> Iterator[None]:
 @torch.no_grad()
 def generate(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
-    num_beams: int = 1, stop_strings: Sequence[str] = (),
+    num_beams: int = 1, stop_strings: Sequence[str] = (), add_special_tokens: bool = True,
 ) -> list[str]:
     """Greedy (or beam-search) continuations of `prompts` (new text only), in batches with left padding.
 
-    A sequence that produces one of `stop_strings` stops there (the string is kept in its text).
+    A sequence that produces one of `stop_strings` stops there (the string is kept in its text). Prompts
+    rendered by a chat template pass add_special_tokens=False: the template writes any BOS itself.
     """
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # so every prompt ends at the last position and generation continues it
@@ -43,7 +45,8 @@ def generate(
     try:
         with eval_mode(model):
             for start in range(0, len(prompts), batch_size):
-                batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
+                batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
+                                  add_special_tokens=add_special_tokens).to(device)
                 tokens = model.generate(
                     **batch,
                     max_new_tokens=max_new_tokens,
@@ -88,19 +91,31 @@ def window_losses(model, windows: Sequence[Sequence[int]], tokens_per_batch: int
     return results
 
 
-def contains_answer(generation: str, example: Example) -> bool:
+def contains_answer(generation: str, example: Record) -> bool:
     """Generic rule for data with an `answer` field: the answer occurs as a whole word, any case."""
     if not example.answer:
         return False
     return re.search(rf"(?<!\w){re.escape(example.answer.strip())}(?!\w)", generation, re.IGNORECASE) is not None
 
 
+def prompt_text(example: Record, tokenizer) -> str:
+    """The text generation continues: the Alpaca prompt of an instruction, or a conversation before its last
+    assistant turn through the chat template with the generation prompt (exactly the tokens that training masked)."""
+    if isinstance(example, chat.Conversation):
+        return chat.render(tokenizer, example.prompt_messages, generation_prompt=True)
+    return prompt_for_generation(example)
+
+
 def heldout_accuracy(
-    model, tokenizer, examples: Sequence[Example], scorer: Scorer, max_new_tokens: int, batch_size: int
+    model, tokenizer, examples: Sequence[Record], scorer: Scorer, max_new_tokens: int, batch_size: int
 ) -> tuple[float, list[dict]]:
-    """Accuracy of `scorer` on greedy generations for `examples`, and one record per example."""
-    prompts = [prompt_for_generation(example) for example in examples]
-    generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    """Accuracy of `scorer` on greedy generations for `examples`, and one record per example.
+
+    The examples come from one validation source, so they are all conversations or all instructions.
+    """
+    prompts = [prompt_text(example, tokenizer) for example in examples]
+    conversations = bool(examples) and isinstance(examples[0], chat.Conversation)
+    generations = generate(model, tokenizer, prompts, max_new_tokens, batch_size, add_special_tokens=not conversations)
     records = [
         {"instruction": ex.instruction, "gold": ex.answer, "generation": text, "correct": scorer(text, ex)}
         for ex, text in zip(examples, generations, strict=False)

@@ -109,7 +109,7 @@ def evaluate_model(
     if not cfg.tasks:
         raise EvalError("no tasks to run; name some, e.g. --tasks boolq,gsm8k,wikitext")
     settings = {"model": identity, "window": min(cfg.ppl_window, _context(model, cfg.ppl_window))} | cfg.model_dump(
-        include={"num_beams", "choice_max_new_tokens", "math_max_new_tokens"})
+        include={"num_beams", "choice_max_new_tokens", "math_max_new_tokens", "prompt"})
     results = Results(output, settings) if ranks.main else None
     selected = {}
     with _progress(console, bars) as bar:
@@ -132,7 +132,7 @@ def _context(model, default: int) -> int:
 
 def _score_generations(model, tokenizer, task: tasks.Task, cfg: EvalConfig, window: int, results: Results | None, bar,
                        ranks: Ranks) -> set[str]:
-    items = tasks.load_items(task, cfg.data_dir, cfg.limit)
+    items = tasks.load_items(task, cfg.data_dir, cfg.limit, tasks.prompter(cfg.prompt, tokenizer))
     done = ranks.gather(results.done(task.name) if results else None)[0]  # what the main process has
     # Longest prompts first: batches of like lengths pad little, and the peak memory shows in the first batch.
     todo = sorted((item for item in items if item.id not in done), key=lambda item: -len(item.prompt))
@@ -141,7 +141,7 @@ def _score_generations(model, tokenizer, task: tasks.Task, cfg: EvalConfig, wind
 
     def score(batch: list[tasks.Item]) -> list[dict[str, Any]]:
         generations = generate.generate(model, tokenizer, [item.prompt for item in batch], budget, cfg.batch_size,
-                                        cfg.num_beams, tasks.stop_strings(task))
+                                        cfg.num_beams, tasks.stop_strings(task), add_special_tokens=cfg.prompt == "alpaca")
         records = []
         for item, generation in zip(batch, generations, strict=False):
             prediction, correct = tasks.score(task, generation, item.gold)

@@ -12,7 +12,9 @@ Prompts are the training prompts (records.prompt_for_generation on the record no
 normalises it), byte for byte. GSM8K and MATH add MetaMath's cue "Let's think step by step." as the
 first words of the response: MetaMath writes "### Response: Let's think step by step." because its
 training prompt ends "### Response:"; ours ends "### Response:\\n", so the cue follows that newline and
-the prompt the model was tuned on stays an exact prefix of the prompt it is scored on.
+the prompt the model was tuned on stays an exact prefix of the prompt it is scored on. With eval.prompt chat
+(`milora eval --prompt chat`) the question is one user turn through the model's chat template instead, and
+the cue opens the assistant's answer.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from milora_cli import atomic, locate
-from milora_cli.data import hub, records
+from milora_cli.data import chat, hub, records
 from milora_cli.errors import DataError, EvalError
 from milora_cli.evaluation import answers
-from milora_cli.recipe import BenchmarkTask
+from milora_cli.recipe import BenchmarkTask, PromptStyle
 
 Kind = Literal["choice", "gsm8k", "math", "perplexity"]
 MATH_CUE = "Let's think step by step."
@@ -90,36 +92,45 @@ def score(task: Task, generation: str, gold: str) -> tuple[str | None, bool]:
     return prediction, answers.math_equal(prediction, gold)
 
 
-def _choice_item(raw: dict, index: int, source: str) -> Item:
+Prompter = Callable[[str, str], str]  # (instruction, input) -> the prompt text
+
+
+def prompter(style: PromptStyle, tokenizer) -> Prompter:
+    """eval.prompt: the paper's Alpaca prompt (records.format_prompt), or one user turn through the model's chat
+    template with the generation prompt (chat.user_prompt), for chat models tuned on conversations."""
+    return records.format_prompt if style == "alpaca" else chat.user_prompt(tokenizer)
+
+
+def _choice_item(raw: dict, index: int, source: str, prompt: Prompter) -> Item:
     example = records.normalize_record(raw, "llm_adapters", source=source, index=index)
-    return Item(str(index), records.prompt_for_generation(example), str(raw["answer"]))
+    return Item(str(index), prompt(example.instruction, example.input), str(raw["answer"]))
 
 
-def _gsm8k_item(raw: dict, index: int, source: str) -> Item:
+def _gsm8k_item(raw: dict, index: int, source: str, prompt: Prompter) -> Item:
     example = records.normalize_record(raw, "gsm8k", source=source, index=index)  # training's normalisation
-    return Item(str(index), records.prompt_for_generation(example) + MATH_CUE, answers.gsm8k_gold(raw["answer"]))
+    return Item(str(index), prompt(example.instruction, example.input) + MATH_CUE, answers.gsm8k_gold(raw["answer"]))
 
 
-def _math_item(raw: dict, index: int, source: str) -> Item:
+def _math_item(raw: dict, index: int, source: str, prompt: Prompter) -> Item:
     if "problem" not in raw or "solution" not in raw:
         raise EvalError(f"{source}, record {index}: a MATH record needs 'problem' and 'solution'; keys seen: {sorted(raw)}")
     gold = answers.last_boxed(raw["solution"])
     if gold is None:
         raise EvalError(f"{source}, record {index}: the solution has no \\boxed{{...}} answer")
-    return Item(str(index), records.format_prompt(raw["problem"]) + MATH_CUE, gold)
+    return Item(str(index), prompt(raw["problem"], "") + MATH_CUE, gold)
 
 
-_ITEMS: dict[str, Callable[[dict, int, str], Item]] = {"choice": _choice_item, "gsm8k": _gsm8k_item, "math": _math_item}
+_ITEMS: dict[str, Callable[[dict, int, str, Prompter], Item]] = {"choice": _choice_item, "gsm8k": _gsm8k_item, "math": _math_item}
 
 
-def load_items(task: Task, data_dir: str | None, limit: int | None) -> list[Item]:
-    """The first `limit` examples of a generation task, as prompts and gold answers."""
+def load_items(task: Task, data_dir: str | None, limit: int | None, prompt: Prompter = records.format_prompt) -> list[Item]:
+    """The first `limit` examples of a generation task, as prompts (the paper's Alpaca prompt unless `prompt`) and gold answers."""
     files = data_files(task, data_dir)
     rows = [row for file in files for row in _read(file)]
     rows = rows[:limit] if limit is not None else rows
     source = ", ".join(map(str, files))
     try:
-        return [_ITEMS[task.kind](raw, index, source) for index, raw in enumerate(rows)]
+        return [_ITEMS[task.kind](raw, index, source, prompt) for index, raw in enumerate(rows)]
     except KeyError as error:
         raise EvalError(f"{source}: records lack the key {error} that task {task.name} needs") from None
 

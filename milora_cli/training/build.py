@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from rich.console import Console
 
 from milora_cli import adapter, models, quantize, terminal
-from milora_cli.data import records, tokens
+from milora_cli.data import chat, records, tokens
 from milora_cli.errors import RecipeError
 from milora_cli.evaluation import tasks
 from milora_cli.recipe import Recipe, dump_recipe
@@ -32,7 +32,7 @@ class Setup:
     adapters: dict[str, adapter.MiloraLinear]
     train_set: tokens.TokenizedDataset
     val_set: tokens.TokenizedDataset
-    val_examples: list[records.Example]
+    val_examples: list[records.Record]
     model_path: str
 
 
@@ -45,11 +45,14 @@ def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO", t
     """
     tasks.check_data(recipe.eval.tasks, recipe.eval.data_dir, "eval.data_dir")
     train_examples, val_examples = records.load_records(recipe.data, recipe.train.seed)  # first: no model load to fail after
+    template = chat.read_template(recipe.data.chat_template)
     cfg = recipe.model
     quantize.check(cfg.quantize, cfg.dtype, torch.device(device).type, distributed)
     with terminal.working(console or terminal.console(quiet=True), models.loading(cfg.name_or_path)):
         path = models.resolve(cfg.name_or_path, cfg.revision, code=trust.remote_code)  # a local folder: fetched or cached
         tokenizer = models.load_tokenizer(path, trust=trust)
+        if template is not None:
+            tokenizer.chat_template = template
         model = quantize.load_model(path, cfg.dtype, cfg.quantize, trust=trust, device=device, attn_implementation=cfg.attn_implementation)
     names = adapter.find_targets(model, recipe.adapter.target_modules)
     adapters = adapter.inject(model, names, recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout)
