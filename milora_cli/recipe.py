@@ -23,6 +23,7 @@ SvdDtype = Literal["float32", "float64"]
 SvdDriver = Literal["gram", "svd"]
 MergeFormat = Literal["merged", "peft"]
 Packing = Literal["auto", "on", "off"]
+Distributed = Literal["ddp", "fsdp"]
 # The benchmarks `milora eval` and the recipe's eval.tasks know (tasks.py holds their data and protocols).
 BenchmarkTask = Literal[
     "boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa",
@@ -148,7 +149,7 @@ class TrainConfig(_Section):
         description="Autocast dtype; auto = the base's own 16-bit dtype on a GPU (none for an fp32 base, none on CPU); "
         "another dtype than the base's is refused.",
     )
-    distributed: Literal["ddp", "fsdp"] = Field(
+    distributed: Distributed = Field(
         "ddp", description="Several processes: ddp replicates the model; fsdp shards the frozen base weights (FSDP2)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")

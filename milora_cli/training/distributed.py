@@ -39,15 +39,22 @@ def accumulation_steps(cfg: TrainConfig, world: int) -> int:
 
 
 def shard(model: torch.nn.Module, adapter_params: list[torch.nn.Parameter]) -> str:
-    """FSDP2 over the frozen base weights: each decoder layer, then the root; the adapters left whole.
-    Returns a line saying how much of the model this rank holds."""
+    """FSDP2 over the frozen base weights: the input embedding, each decoder layer, the output embedding, then
+    the root; the adapters left whole. Returns a line saying how much of the model this rank holds.
+
+    A unit's weights are gathered whole while it runs, so the embeddings get units of their own (as torchtitan
+    gives them): in the root they would be whole together for all of a forward, a quarter of a small model.
+    Tied, they are one Parameter and stay in the root.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor
 
     ignored = set(adapter_params)
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # no sharded parameter trains; fp32 if one ever does
-    for layer in model.get_decoder().layers:
-        fully_shard(layer, mp_policy=policy, ignored_params=ignored)
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    untied = head is not None and head.weight is not embeddings.weight
+    for unit in [embeddings] * untied + list(model.get_decoder().layers) + [head] * untied:
+        fully_shard(unit, mp_policy=policy, ignored_params=ignored)
     fully_shard(model, mp_policy=policy, ignored_params=ignored)
     # What transformers' own FSDP2 helper marks: generate() then keeps every rank stepping until all are
     # done (synced_gpus), since each forward all-gathers the layers' weights on all ranks.
