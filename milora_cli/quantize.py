@@ -47,17 +47,17 @@ def check(quantize: Quantize, dtype: str, device_type: str, distributed: Distrib
     if quantize == "none":
         return
     what = f"model.quantize={quantize}"
+    if distributed == "fsdp":
+        raise QuantizeError(
+            f"{what} with train.distributed=fsdp: milora does not shard bitsandbytes' packed weights; train a quantized "
+            "base with train.distributed=ddp (one process or torchrun), or set model.quantize=none"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise QuantizeError(f"{what} needs bitsandbytes, which is not installed: {INSTALL}")
     if dtype == "fp16" and device_type == "cpu":
         # bitsandbytes' CPU fp16 path is the slowest by far: one forward and backward of SmolLM2-135M on 4 x 64
         # tokens took 60 s in nf4/fp16 against 7 s in nf4/bf16 (2 busy cores)
         raise QuantizeError(f"{what} with model.dtype=fp16 on a CPU: use model.dtype=fp32 or bf16 (fp16 compute is for GPUs)")
-    if distributed == "fsdp":
-        raise QuantizeError(
-            f"{what} with train.distributed=fsdp: milora does not shard bitsandbytes' packed weights; train a quantized "
-            "base with train.distributed=ddp (one process or torchrun), or set model.quantize=none"
-        )
 
 
 def load_model(path: str, dtype: str, quantized: Quantize, revision: str | None = None, trust_remote_code: bool = False,

@@ -2,7 +2,6 @@
 the whole base, each reads its slices of the checkpoint, and the model is the one a single process builds."""
 
 import importlib.util
-import json
 import math
 import os
 import socket
@@ -92,3 +91,86 @@ def test_two_sharded_processes_train_as_ddp_and_as_one_process(untied_model_dir,
     # One process sums each gradient over 4 examples in one pass where 2 processes sum 2 + 2: fp32 sums in another
     # order, each within n * 2^-24 relative of exact (n <= 256 terms: 1.5e-5 at most, ~1e-6 typically), over 3 steps.
     assert max_rel_diff(factors(fsdp / "adapter"), factors(one / "adapter")) <= 1e-5
+
+
+def test_fsdp_with_a_quantized_base_is_refused_in_a_real_launch_before_any_model_loads(tiny_model_dir, tiny_data, tmp_path):
+    raw = tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "run", distributed="fsdp")
+    raw["model"] |= {"quantize": "nf4", "dtype": "bf16"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "milora_cli", "train",
+               str(write_recipe(tmp_path / "r.yaml", raw))]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    # torchrun itself exits 1 when a worker fails and prints its own summary; each worker exits 2 with one line
+    assert result.returncode != 0 and result.stderr.count("exitcode  : 2") + result.stderr.count("exitcode : 2") >= 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("model.quantize=nf4 with train.distributed=fsdp" in line for line in errors)
+    assert "[rank0]: Traceback" not in result.stderr and "Loading weights" not in result.stderr + result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_launchers_of_one_process_train_the_adapter_of_one_launcher_of_two(tiny_model_dir, tiny_data, tmp_path):
+    """Multi-node as a cluster runs it (c10d rendezvous, one launcher per node), both nodes on 127.0.0.1."""
+    def recipe(out: Path) -> Path:
+        raw = tiny_recipe(tiny_model_dir, tiny_data, out, micro_batch_size=2, distributed="fsdp", eval_every=None)
+        return write_recipe(tmp_path / f"{out.name}.yaml", raw)
+    single, nodes = tmp_path / "single", tmp_path / "nodes"
+    torchrun(recipe(single))
+    endpoint = f"127.0.0.1:{_free_port()}"
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                                   "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--node-rank", str(node),
+                                   "-m", "milora_cli", "train", str(recipe(nodes))],
+                                  cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    outputs = [launcher.communicate(timeout=600) for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "fsdp: " in outputs[0][0] + outputs[1][0] and "of 2 processes" in outputs[0][0] + outputs[1][0]
+    # the same 2 ranks compute the same ops on the same values, wherever their processes run
+    expected, trained = factors(single / "adapter"), factors(nodes / "adapter")
+    assert all(torch.equal(trained[name], expected[name]) for name in expected)
+    assert [r["loss"] for r in lines(nodes / "metrics.jsonl") if "loss" in r] == [r["loss"] for r in lines(single / "metrics.jsonl") if "loss" in r]
+
+
+def _slice_bytes(shape: tuple[int, ...], itemsize: int, rank: int, world: int) -> int:
+    """Bytes of a rank's FSDP2 shard of a tensor: Shard(0), rows in chunks of ceil(rows / world) (torch.chunk's split)."""
+    rows, chunk = shape[0], math.ceil(shape[0] / world)
+    return max(0, min(rows, (rank + 1) * chunk) - rank * chunk) * math.prod(shape[1:]) * itemsize
+
+
+@pytest.mark.slow
+def test_no_sharded_process_holds_the_whole_model_nor_reads_it(smollm2_path, tmp_path):
+    """The ~200M model of benchmarks/sharded_memory.py (814 MB in fp32, 407 MB of bf16 in 5 shards) on 2 processes.
+
+    Loading and initialising, a process holds its half of the base plus, at most, the bounds below. A training
+    step adds FSDP's working set, which no sharding avoids: a unit's weights are gathered whole while it runs, and
+    FSDP2 gathers into a flat buffer, copies out into the parameters and keeps a copy of its shard (2.5 units; this
+    model's largest unit, the untied head, is a quarter of it, where Llama-3-70B's is 1.5 %)."""
+    bench = _benchmark()
+    model_dir = bench.save_model(tmp_path / "model", smollm2_path)
+    runs = {(mode, steps): bench.measure(model_dir, tmp_path, mode, 2, steps) for mode, steps in (("fsdp", 0), ("fsdp", 1), ("ddp", 0))}
+    tensors = shards.read_index(model_dir)
+    whole = 4 * bench.n_parameters()  # fp32, the recipe's dtype
+    largest = max(tensors.values(), key=lambda info: math.prod(info.shape))
+    # 1. load + init: the half; the largest slice twice (its pages mapped, get_slice's copy); the decomposition of a
+    # 1024 x 1024 target (bf16 read, fp32, fp64 copy, Gram, eigenvectors, eigh's workspace: < 6 fp64 copies); the
+    # fp32 adapter state (A, B, A0, B0, gradients, 2 moments, the all-reduce buffer); 64 MiB for the tokenizer, the
+    # data, the process group and Python's objects
+    workspace = 6 * 8 * bench.HIDDEN**2  # the targets, q_proj and v_proj, are HIDDEN x HIDDEN
+    adapter_state = 9 * 4 * len(bench.TARGETS) * bench.LAYERS * bench.RANK * 2 * bench.HIDDEN
+    bound = whole / 2 + 2 * _slice_bytes(largest.shape, 2, 0, 2) + workspace + adapter_state + 64 * 2**20
+    assert max(runs["fsdp", 0]["peaks"]) < bound < whole < min(runs["ddp", 0]["peaks"]), runs
+    # 2. one training step: plus FSDP's working set for the largest unit (the head, fp32)
+    unit = 4 * bench.VOCAB * bench.HIDDEN
+    assert max(runs["fsdp", 1]["peaks"]) < bound + 2.5 * unit < min(runs["ddp", 0]["peaks"]), runs
+    # 3. bytes read: each rank's rows of every tensor, and the targets it decomposes (round-robin over the layers)
+    targets = [f"model.layers.{i}.self_attn.{name}.weight" for i in range(bench.LAYERS) for name in bench.TARGETS]
+    for rank in (0, 1):
+        own = sum(shards.nbytes((name, "BF16", tensors[name].shape)) for name in targets[rank::2])
+        expected = sum(_slice_bytes(info.shape, 2, rank, 2) for info in tensors.values()) + own
+        assert runs["fsdp", 0]["bytes_read"][rank] == expected
+        assert expected == whole / 4 + own  # half the bf16 checkpoint (every tensor's rows are even), its own targets
+
