@@ -79,8 +79,11 @@ def test_sharded_init_has_the_factors_and_logits_of_one_unsharded_process(untied
 
 
 def test_two_sharded_processes_train_as_ddp_and_as_one_process(untied_model_dir, tiny_data, tmp_path):
+    """With validation and held-out generation: the untied embeddings and head are FSDP units of their own."""
     def recipe(out: Path, **train) -> Path:
-        return write_recipe(tmp_path / f"{out.name}.yaml", tiny_recipe(untied_model_dir, tiny_data, out, eval_every=None, **train))
+        raw = tiny_recipe(untied_model_dir, tiny_data, out, eval_every=3, **train)
+        raw["eval"] = {"heldout": 4, "batch_size": 2, "max_new_tokens": 4}
+        return write_recipe(tmp_path / f"{out.name}.yaml", raw)
     one, fsdp, ddp = tmp_path / "one", tmp_path / "fsdp", tmp_path / "ddp"
     _launch(1, "-m", "milora_cli", "train", str(recipe(one, micro_batch_size=4)))
     torchrun(recipe(fsdp, micro_batch_size=2, distributed="fsdp"))
@@ -91,6 +94,10 @@ def test_two_sharded_processes_train_as_ddp_and_as_one_process(untied_model_dir,
     # One process sums each gradient over 4 examples in one pass where 2 processes sum 2 + 2: fp32 sums in another
     # order, each within n * 2^-24 relative of exact (n <= 256 terms: 1.5e-5 at most, ~1e-6 typically), over 3 steps.
     assert max_rel_diff(factors(fsdp / "adapter"), factors(one / "adapter")) <= 1e-5
+    for name in ("heldout_before.jsonl", "heldout_after.jsonl"):
+        assert [r.get("generation") for r in lines(fsdp / name)] == [r.get("generation") for r in lines(ddp / name)]
+    val = [[r["val_loss"] for r in lines(run / "metrics.jsonl") if "val_loss" in r] for run in (fsdp, ddp)]
+    assert len(val[0]) == 1 and val[0] == val[1]
 
 
 def test_fsdp_with_a_quantized_base_is_refused_in_a_real_launch_before_any_model_loads(tiny_model_dir, tiny_data, tmp_path):

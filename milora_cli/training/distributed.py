@@ -3,8 +3,9 @@ per rank (saved and restored per rank), and FSDP2 sharding of the base weights (
 scoring).
 
 Under `train.distributed: fsdp` only the frozen base weights are sharded (torch.distributed.fsdp.
-fully_shard, one unit per decoder layer, then the root holding embeddings, final norm and head, as
-torchtune does). The adapter factors lora_A, lora_B (well under 2 % of the parameters) stay whole on
+fully_shard: the embeddings, each decoder layer, the head, then the root, as torchtitan does; on the meta
+device, before loading: sharded_load.py). The adapter factors lora_A, lora_B (0.6 % of Llama-3-70B's
+parameters at r=32 on all seven projections, 2.35 % at r=128) stay whole on
 every rank, outside FSDP, in float32, and their gradients are averaged in float32 by one all-reduce per
 step: so clipping sees whole gradients, the saver and the optimizer state see whole tensors, and a bf16
 base never shares an FSDP unit with fp32 trainable factors. A0, B0 are buffers: whole, float32.

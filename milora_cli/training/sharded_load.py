@@ -25,7 +25,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-from milora_cli import adapter, dtypes, shards
+from milora_cli import adapter, dtypes, models, shards
 from milora_cli.errors import ModelError, first_line
 from milora_cli.recipe import AdapterConfig, ModelConfig
 from milora_cli.training import distributed
@@ -34,6 +34,7 @@ from milora_cli.training import distributed
 def sharded_model(path: str, model_cfg: ModelConfig, adapter_cfg: AdapterConfig,
                   device: torch.device | str) -> tuple[torch.nn.Module, dict[str, adapter.MiloraLinear], str, int]:
     """(model, adapters, the fsdp line, bytes this process read): the steps above. A collective."""
+    models.check_attention(model_cfg.attn_implementation, model_cfg.dtype, device)
     model = empty_model(path, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.attn_implementation)
     names = adapter.find_targets(model, adapter_cfg.target_modules)
     adapters = adapter.inject(model, names, adapter_cfg.r, adapter_cfg.alpha, adapter_cfg.dropout)
@@ -45,7 +46,7 @@ def sharded_model(path: str, model_cfg: ModelConfig, adapter_cfg: AdapterConfig,
 def empty_model(path: str, dtype: str, trust_remote_code: bool, attn_implementation: str) -> torch.nn.Module:
     """The model of the folder `path` with its parameters on the meta device and its buffers computed, in eval mode."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -55,6 +56,8 @@ def empty_model(path: str, dtype: str, trust_remote_code: bool, attn_implementat
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ModelError(f"cannot build model '{path}': {first_line(error)}") from None
     model.tie_weights()  # from_config leaves a tied head untied (from_pretrained ties it once loaded)
+    if (Path(path) / "generation_config.json").is_file():  # what from_pretrained also reads: eos ids, defaults
+        model.generation_config = GenerationConfig.from_pretrained(path)
     return model.eval()
 
 
