@@ -2,8 +2,10 @@
 the whole base, each reads its slices of the checkpoint, and the model is the one a single process builds."""
 
 import importlib.util
+import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +18,8 @@ from safetensors.torch import load_file
 
 from helpers import REPO
 from milora_cli import shards
+from milora_cli.errors import ModelError
+from milora_cli.training import sharded_load
 from test_distributed import lines, torchrun, write_recipe
 from test_train import factors, max_rel_diff, tiny_recipe
 
@@ -181,3 +185,16 @@ def test_no_sharded_process_holds_the_whole_model_nor_reads_it(smollm2_path, tmp
         assert runs["fsdp", 0]["bytes_read"][rank] == expected
         assert expected == whole / 4 + own  # half the bf16 checkpoint (every tensor's rows are even), its own targets
 
+
+
+def test_a_checkpoint_without_the_models_names_is_one_line_before_any_read(tiny_model_dir, tmp_path):
+    """A config.json that asks for a third layer the safetensors do not hold: named, before a byte of weights is read."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 3}))
+    model = sharded_load.empty_model(str(folder), "fp32", False, "sdpa")
+    assert all(param.is_meta for param in model.parameters())  # nothing allocated: the base is built without storage
+    with pytest.raises(ModelError, match=r"has 'model\.layers\.2\.self_attn\.q_proj\.weight' absent, the model built from its "
+                                         r"config\.json needs \[32, 32\]"):
+        sharded_load.load_shards(model, str(folder))
