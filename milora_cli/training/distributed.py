@@ -6,12 +6,14 @@ Under `train.distributed: fsdp` only the frozen base weights are sharded (torch.
 fully_shard: the embeddings, each decoder layer, the head, then the root, as torchtitan does; on the meta
 device, before loading: sharded_load.py). The adapter factors lora_A, lora_B (0.6 % of Llama-3-70B's
 parameters at r=32 on all seven projections, 2.35 % at r=128) stay whole on
-every rank, outside FSDP, in float32, and their gradients are averaged in float32 by one all-reduce per
-step: so clipping sees whole gradients, the saver and the optimizer state see whole tensors, and a bf16
+every rank, outside FSDP, in float32, and their gradients are averaged in float32 by all-reduces of 25 MB
+buckets: so clipping sees whole gradients, the saver and the optimizer state see whole tensors, and a bf16
 base never shares an FSDP unit with fp32 trainable factors. A0, B0 are buffers: whole, float32.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 
@@ -65,17 +67,35 @@ def shard(model: torch.nn.Module, adapter_params: list[torch.nn.Parameter]) -> s
     return f"fsdp: {held:,} of {total:,} parameters on each of {torch.distributed.get_world_size()} processes"
 
 
+BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb: one all-reduce's flat buffer, not one as large as all the adapters
+
+
 def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Mean over the processes of the whole adapters' gradients, in float32, in one all-reduce (what DDP
-    does for them under ddp)."""
+    """Mean over the processes of the whole adapters' gradients, in float32, one all-reduce per bucket of at
+    most BUCKET_BYTES (what DDP does for them under ddp; the same elementwise sums, so the same result)."""
     for param in params:
         if param.grad is None:  # a factor the batch did not reach still takes part in the collective
             param.grad = torch.zeros_like(param)
-    flat = torch.cat([param.grad.reshape(-1).float() for param in params])  # (sum of numels,)
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    for param, grad in zip(params, flat.split([param.numel() for param in params]), strict=True):
-        param.grad.copy_(grad.view_as(param.grad))
+    for bucket in _buckets(params, BUCKET_BYTES):
+        flat = torch.cat([param.grad.reshape(-1).float() for param in bucket])  # (sum of the bucket's numels,)
+        torch.distributed.all_reduce(flat)
+        flat /= world
+        for param, grad in zip(bucket, flat.split([param.numel() for param in bucket]), strict=True):
+            param.grad.copy_(grad.view_as(param.grad))
+
+
+def _buckets(params: list[torch.nn.Parameter], cap: int) -> Iterator[list[torch.nn.Parameter]]:
+    """Consecutive parameters in groups of at most `cap` float32 bytes (a larger parameter alone)."""
+    bucket: list[torch.nn.Parameter] = []
+    size = 0
+    for param in params:
+        if bucket and size + 4 * param.numel() > cap:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(param)
+        size += 4 * param.numel()
+    if bucket:
+        yield bucket
 
 
 def seed_rank(seed: int, ranks: Ranks) -> None:
