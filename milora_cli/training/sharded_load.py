@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint.api import CheckpointException
 
 from milora_cli import adapter, dtypes, models, shards
 from milora_cli.errors import ModelError, first_line
@@ -86,8 +87,9 @@ def load_shards(model: torch.nn.Module, path: str) -> int:
     _check_names_and_shapes(state, path)
     try:
         dcp.load(state, storage_reader=reader)
-    except (RuntimeError, ValueError, KeyError) as error:  # a name the checkpoint lacks, a shape it does not have
-        raise ModelError(f"cannot load the sharded weights of '{path}': {first_line(error)}") from None
+    except CheckpointException as error:  # the failures of every rank, each (exception, traceback): name the first
+        cause = next(iter(error.failures.values()))[0]
+        raise ModelError(f"cannot read the weights of '{path}': {type(cause).__name__}: {first_line(cause)}") from None
     left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     assert not left, f"left on the meta device: {left[:3]}"
     return reader.bytes_read
