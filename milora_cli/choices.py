@@ -15,6 +15,7 @@ Init = Literal["milora", "pissa", "lora", "mica"]
 SvdDtype = Literal["float32", "float64"]
 SvdDriver = Literal["gram", "svd"]
 Packing = Literal["auto", "on", "off"]
+Distributed = Literal["ddp", "fsdp"]
 PromptStyle = Literal["alpaca", "chat"]  # benchmark questions: the paper's Alpaca prompt, or one user turn through the chat template
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "comet", "none"]  # as HF's report_to; training/trackers.py
 # The benchmarks `milora eval` and the recipe's eval.tasks know (tasks.py holds their data and protocols).

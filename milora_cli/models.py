@@ -244,11 +244,19 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
     """A cheap fingerprint of weights: names, shapes, dtypes and a strided sample of each tensor's values."""
+    return fingerprint_of({name: fingerprint_part(name, state[name]) for name in state})
+
+
+def fingerprint_part(name: str, tensor: torch.Tensor) -> bytes:
+    """One weight's share of weights_fingerprint: what a process that holds it passes on to the others."""
+    flat = tensor.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
+    return f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode() + sample.numpy().tobytes()
+
+
+def fingerprint_of(parts: dict[str, bytes]) -> str:
+    """weights_fingerprint from every weight's fingerprint_part."""
     digest = hashlib.sha256()
-    for name in sorted(state):
-        tensor = state[name].detach()
-        flat = tensor.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().contiguous()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(sample.numpy().tobytes())
+    for name in sorted(parts):
+        digest.update(parts[name])
     return digest.hexdigest()[:16]

@@ -28,7 +28,7 @@ import torch
 
 from milora_cli import dtypes, models, shards
 from milora_cli.errors import QuantizeError
-from milora_cli.recipe import Quantize
+from milora_cli.recipe import Distributed, Quantize
 
 INSTALL = "pip install 'milora[quant]' (bitsandbytes>=0.50.2)"
 _BNB: dict[str, dict[str, Any]] = {
@@ -38,19 +38,21 @@ _BNB: dict[str, dict[str, Any]] = {
 }
 
 
-# Accelerate's distributed types that shard parameters: they would split bitsandbytes' packed weights.
-_SHARDING = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
-
-
-def check(quantize: Quantize, dtype: str, device_type: str, distributed: str = "NO") -> None:
+def check(quantize: Quantize, dtype: str, device_type: str, distributed: Distributed = "ddp") -> None:
     """Refuse, before anything loads, a quantized base that cannot run here: one line, what to change.
 
-    `distributed`: accelerate's DistributedType value. DDP (MULTI_CPU, MULTI_GPU) runs: 2 gloo processes
-    train the adapter of 1 process with twice the batch (tests/test_quantize.py).
+    `distributed`: the recipe's train.distributed (which, not accelerate's launch, chooses FSDP). ddp runs:
+    2 gloo processes train the adapter of 1 process with twice the batch (tests/test_quantize.py). fsdp is
+    refused on any number of processes, so that a recipe tried in one process does not fail on eight.
     """
     if quantize == "none":
         return
     what = f"model.quantize={quantize}"
+    if distributed == "fsdp":
+        raise QuantizeError(
+            f"{what} with train.distributed=fsdp: milora does not shard bitsandbytes' packed weights; train a quantized "
+            "base with train.distributed=ddp (one process or torchrun), or set model.quantize=none"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise QuantizeError(f"{what} needs bitsandbytes, which is not installed: {INSTALL}")
     if dtype == "fp64":  # bitsandbytes computes in 16 or 32 bits; fp64 is for exactness tests of the float path
@@ -59,11 +61,6 @@ def check(quantize: Quantize, dtype: str, device_type: str, distributed: str = "
         # bitsandbytes' CPU fp16 path is the slowest by far: one forward and backward of SmolLM2-135M on 4 x 64
         # tokens took 60 s in nf4/fp16 against 7 s in nf4/bf16 (2 busy cores)
         raise QuantizeError(f"{what} with model.dtype=fp16 on a CPU: use model.dtype=fp32 or bf16 (fp16 compute is for GPUs)")
-    if distributed in _SHARDING:
-        raise QuantizeError(
-            f"{what} under {distributed}: milora does not shard bitsandbytes' packed weights; train a quantized base "
-            "in one process or under DDP (configs/ddp.yaml, torchrun), or set model.quantize=none"
-        )
 
 
 def load_model(path: str, dtype: str, quantized: Quantize, revision: str | None = None, trust: models.Trust = models.UNTRUSTED,
@@ -127,12 +124,14 @@ def bnb_config(quantize: Quantize, dtype: str):
     return BitsAndBytesConfig(**_BNB[quantize], bnb_4bit_compute_dtype=dtypes.TORCH[dtype])
 
 
-def full_precision_weights(adapters: Mapping[str, Any], quantize: Quantize, model_folder: str, dtype: str) -> Mapping[str, torch.Tensor]:
-    """{layer: W in `dtype`}: the layers' own weights, or for a quantized base the checkpoint's, read one at a time.
+def full_precision_weights(adapters: Mapping[str, Any], quantize: Quantize, model_folder: str, dtype: str,
+                           from_checkpoint: bool = False) -> Mapping[str, torch.Tensor]:
+    """{layer: W in `dtype`}: the layers' own weights, or for a quantized base (or with `from_checkpoint`: a
+    sharded one) the checkpoint's, read one at a time.
 
     `model_folder`: the model's local folder (models.resolve has fetched or found a hub id's snapshot).
     """
-    if quantize == "none":
+    if quantize == "none" and not from_checkpoint:
         return {name: layer.base_layer.weight for name, layer in adapters.items()}
     tensors = shards.read_index(Path(model_folder))
     for name, layer in adapters.items():

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from milora_cli import locate
 from milora_cli.choices import (  # noqa: F401 - modules import the recipe's choices from here too
-    DEFAULT_SHARD_SIZE, BenchmarkTask, Dtype, Init, MergeFormat, ModelDtype, Packing, PromptStyle, Quantize, SvdDriver, SvdDtype,
+    DEFAULT_SHARD_SIZE, BenchmarkTask, Distributed, Dtype, Init, MergeFormat, ModelDtype, Packing, PromptStyle, Quantize, SvdDriver, SvdDtype,
     Tracker,
 )
 from milora_cli.errors import RecipeError
@@ -157,7 +157,7 @@ class TrainConfig(_Section):
         description="Autocast dtype; auto = the base's own 16-bit dtype on a GPU (none for an fp32 base, none on CPU); "
         "another dtype than the base's is refused.",
     )
-    distributed: Literal["ddp", "fsdp"] = Field(
+    distributed: Distributed = Field(
         "ddp", description="Several processes: ddp replicates the model; fsdp shards the frozen base weights (FSDP2)."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")

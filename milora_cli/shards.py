@@ -99,12 +99,18 @@ def read_tensors(tensors: dict[str, TensorInfo], names: Iterable[str]) -> Iterat
 
 
 class LazyWeights(Mapping):
-    """{layer: base weight in `dtype`}, read on access: fingerprinting or decomposing holds one weight at a time."""
+    """{layer: base weight in `dtype`}, read on access: fingerprinting or decomposing holds one weight at a time.
+
+    `bytes_read`: the checkpoint bytes read so far (each access reads its whole tensor).
+    """
 
     def __init__(self, tensors: dict[str, TensorInfo], layers: list[str], dtype: torch.dtype):
         self.tensors, self.layers, self.dtype = tensors, layers, dtype
+        self.bytes_read = 0
 
     def __getitem__(self, layer: str) -> torch.Tensor:
+        info = self.tensors[f"{layer}.weight"]
+        self.bytes_read += nbytes((layer, info.dtype, info.shape))
         return next(read_tensors(self.tensors, [f"{layer}.weight"])).to(self.dtype)
 
     def __iter__(self) -> Iterator[str]:

@@ -103,10 +103,10 @@ def test_refusals_come_before_anything_loads(tmp_path, monkeypatch):
     result = helpers.milora("train", str(recipe), f"output.dir={tmp_path / 'out'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "model.dtype=fp16 on a CPU" in result.stderr  # not the missing model
-    with pytest.raises(QuantizeError, match="under FSDP: milora does not shard"):
-        quantize.check("nf4", "bf16", "cuda", distributed="FSDP")
-    quantize.check("nf4", "bf16", "cpu", distributed="MULTI_CPU")  # bf16 compute runs on CPU, DDP too
-    quantize.check("none", "fp16", "cpu", distributed="FSDP")  # nothing to refuse without quantization
+    with pytest.raises(QuantizeError, match="with train.distributed=fsdp: milora does not shard"):  # a real launch: test_sharded_load.py
+        quantize.check("nf4", "bf16", "cuda", distributed="fsdp")
+    quantize.check("nf4", "bf16", "cpu", distributed="ddp")  # bf16 compute runs on CPU, DDP too
+    quantize.check("none", "fp16", "cpu", distributed="fsdp")  # nothing to refuse without quantization
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # how Python marks a module as not importable
     with pytest.raises(QuantizeError, match=r"needs bitsandbytes.*milora\[quant\]"):
         quantize.check("int8", "fp32", "cpu")

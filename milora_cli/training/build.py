@@ -20,7 +20,7 @@ from milora_cli.data import chat, records, tokens
 from milora_cli.errors import RecipeError
 from milora_cli.evaluation import tasks
 from milora_cli.recipe import Recipe, dump_recipe
-from milora_cli.training import init_cache
+from milora_cli.training import init_cache, sharded_load
 
 
 @dataclass
@@ -34,11 +34,19 @@ class Setup:
     val_set: tokens.TokenizedDataset
     val_examples: list[records.Record]
     model_path: str
+    sharded: str | None = None  # under fsdp with N > 1 processes: the line saying what each process holds
+    bytes_read: int = 0  # of the checkpoint by this process, when sharded
 
 
-def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO", trust: models.Trust = models.UNTRUSTED,
+def is_sharded(recipe: Recipe, world: int) -> bool:
+    """The base is sharded (sharded_load.py) under train.distributed=fsdp with more than one process."""
+    return recipe.train.distributed == "fsdp" and world > 1
+
+
+def build(recipe: Recipe, device: torch.device | str, world: int = 1, trust: models.Trust = models.UNTRUSTED,
           console: Console | None = None) -> Setup:
-    """Load the model and tokenizer, inject adapters (not yet initialised), tokenise the data.
+    """Load the model and tokenizer, inject adapters (not yet initialised), tokenise the data; with `world` > 1
+    processes under fsdp, the base sharded as it loads (sharded_load.py).
 
     Everything the recipe names is checked here, before the run folder is written or a step trained. `trust`
     comes from the command line: the recipe's model.trust_remote_code alone runs no code.
@@ -47,22 +55,26 @@ def build(recipe: Recipe, device: torch.device | str, distributed: str = "NO", t
     train_examples, val_examples = records.load_records(recipe.data, recipe.train.seed)  # first: no model load to fail after
     template = chat.read_template(recipe.data.chat_template)
     cfg = recipe.model
-    quantize.check(cfg.quantize, cfg.dtype, torch.device(device).type, distributed)
+    quantize.check(cfg.quantize, cfg.dtype, torch.device(device).type, recipe.train.distributed)
+    sharded, bytes_read = None, 0
     with terminal.working(console or terminal.console(quiet=True), models.loading(cfg.name_or_path)):
         path = models.resolve(cfg.name_or_path, cfg.revision, code=trust.remote_code)  # a local folder: fetched or cached
         tokenizer = models.load_tokenizer(path, trust=trust)
         if template is not None:
             tokenizer.chat_template = template
-        model = quantize.load_model(path, cfg.dtype, cfg.quantize, trust=trust, device=device, attn_implementation=cfg.attn_implementation)
-    names = adapter.find_targets(model, recipe.adapter.target_modules)
-    adapters = adapter.inject(model, names, recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout)
-    adapter.set_trainable(adapters, recipe.adapter.init)
+        if is_sharded(recipe, world):
+            model, adapters, sharded, bytes_read = sharded_load.sharded_model(path, cfg, recipe.adapter, device, trust.remote_code)
+        else:
+            model = quantize.load_model(path, cfg.dtype, cfg.quantize, trust=trust, device=device, attn_implementation=cfg.attn_implementation)
+            names = adapter.find_targets(model, recipe.adapter.target_modules)
+            adapters = adapter.inject(model, names, recipe.adapter.r, recipe.adapter.alpha, recipe.adapter.dropout)
+            adapter.set_trainable(adapters, recipe.adapter.init)
     args = (tokenizer, recipe.data.max_length, recipe.data.train_on_prompt)
     train_set, val_set = tokens.build_dataset(train_examples, *args), tokens.build_dataset(val_examples, *args)
     if not train_set.examples:
         raise RecipeError("no training example has a response token left after truncation; raise data.max_length")
     return Setup(model=model, tokenizer=tokenizer, adapters=adapters, train_set=train_set, val_set=val_set, val_examples=val_examples,
-                 model_path=path)
+                 model_path=path, sharded=sharded, bytes_read=bytes_read)
 
 
 def describe(recipe: Recipe, console: Console, trust: models.Trust = models.UNTRUSTED) -> None:
@@ -100,7 +112,8 @@ def initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console: 
     if model_cfg.quantize != "none":
         console.print(f"{model_cfg.quantize} base: the initial factors come from the full-precision weights of {setup.model_path}")
     start = time.perf_counter()
-    weights = quantize.full_precision_weights(setup.adapters, model_cfg.quantize, setup.model_path, model_cfg.dtype)
+    weights = quantize.full_precision_weights(setup.adapters, model_cfg.quantize, setup.model_path, model_cfg.dtype,
+                                              from_checkpoint=setup.sharded is not None)
     report = init_cache.initialise(setup.adapters, recipe.adapter, seed=recipe.train.seed, use_cache=recipe.adapter.cache_factors,
                                    rank=accelerator.process_index, world=accelerator.num_processes, weights=weights)
     seconds = time.perf_counter() - start
@@ -117,8 +130,11 @@ def initialise(recipe: Recipe, setup: Setup, accelerator: Accelerator, console: 
         # absolute, so that the run is usable from any folder
         "base_model_path": str(Path(setup.model_path).resolve()) if Path(setup.model_path).is_dir() else setup.model_path,
         "revision": recipe.model.revision, "base_dtype": recipe.model.dtype,
-        "base_quantize": model_cfg.quantize, "base_fingerprint": models.weights_fingerprint(weights),
+        "base_quantize": model_cfg.quantize, "base_fingerprint": report.fingerprint,
     }
     summary = {"run_dir": recipe.output.dir, "init_seconds": seconds, "init_decomposed": report.computed,
                "init_from_cache": report.cached, "trainable": trainable, "total": total}
+    if setup.sharded:  # what each process read of the checkpoint: its slices, and the weights it decomposed
+        read = setup.bytes_read + weights.bytes_read
+        summary["checkpoint_bytes_read"] = [int(n) for n in accelerator.gather(torch.tensor([read], device=accelerator.device))]
     return meta, summary

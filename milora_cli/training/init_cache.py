@@ -32,11 +32,13 @@ Factors = tuple[torch.Tensor, torch.Tensor]  # (A0 (r, in), B0 (out, r)), float3
 
 @dataclass(frozen=True)
 class InitReport:
-    """Layers decomposed and layers read from the cache, over all processes; `mine`: decomposed here."""
+    """Layers decomposed and layers read from the cache, over all processes; `mine`: decomposed here;
+    `fingerprint`: models.weights_fingerprint of the weights, each sampled by the process that read it."""
 
     computed: int
     cached: int
     mine: int
+    fingerprint: str
 
     def describe(self, processes: int) -> str:
         """The train output's note on where the factors came from, e.g. ' (init from cache)', or ''."""
@@ -109,23 +111,32 @@ def initialise(adapters: dict[str, adapter.MiloraLinear], cfg: AdapterConfig, *,
                rank: int = 0, world: int = 1, weights: Mapping[str, torch.Tensor] | None = None) -> InitReport:
     """Set every adapter's initial factors; the SVD inits decomposed once per layer over all processes.
 
-    `weights`: {layer: full-precision weight} to decompose instead of the layers' own (a quantized base);
-    the same weights give the same cache keys, so a quantized and an unquantized run share the cache.
+    `weights`: {layer: full-precision weight} to decompose instead of the layers' own (a quantized base, or
+    a sharded one: shards.LazyWeights reads them from the checkpoint); the same weights give the same cache
+    keys, so a quantized, a sharded and a plain run share the cache. Each weight is read once, by its owner.
     """
-    if cfg.init == "lora":  # random A, zero B from the seed: the same on every rank, nothing to share
-        adapter.initialise(adapters, cfg.init, cfg.svd_dtype, cfg.svd_driver, seed)
-        return InitReport(0, 0, 0)
     names = list(adapters)
-    # 1. this rank's share (round-robin over the layers): from the cache or decomposed
+    # 1. this rank's share (round-robin over the layers): its fingerprint part, and from the cache or decomposed
     owned: dict[str, Factors] = {}
+    parts: dict[str, bytes] = {}
     counts = torch.zeros(2, dtype=torch.int64)  # (computed, cached)
     for i, name in enumerate(names):
         if i % world == rank:
             layer = adapters[name]
             weight = layer.base_layer.weight if weights is None else weights[name].to(layer.lora_A0.device)
-            owned[name], hit = _own_factors(layer, cfg, use_cache, weight)
-            counts[int(hit)] += 1
+            parts[name] = models.fingerprint_part(name, weight)
+            if cfg.init != "lora":
+                owned[name], hit = _own_factors(layer, cfg, use_cache, weight)
+                counts[int(hit)] += 1
     mine = int(counts[0])
+    if world > 1:
+        shared: list[dict[str, bytes]] = [{} for _ in range(world)]
+        torch.distributed.all_gather_object(shared, parts)  # ~16 KB a layer; between this job's own processes
+        parts = {name: part for rank_parts in shared for name, part in rank_parts.items()}
+    fingerprint = models.fingerprint_of(parts)
+    if cfg.init == "lora":  # random A, zero B from the seed: the same on every rank, nothing to share
+        adapter.initialise(adapters, cfg.init, cfg.svd_dtype, cfg.svd_driver, seed)
+        return InitReport(0, 0, 0, fingerprint)
     # 2. every layer's factors from its owner to all ranks, then into the layers
     for i, name in enumerate(names):
         layer = adapters[name]
@@ -141,4 +152,4 @@ def initialise(adapters: dict[str, adapter.MiloraLinear], cfg: AdapterConfig, *,
     if world > 1:
         counts = counts.to(adapters[names[0]].lora_A0.device)
         torch.distributed.all_reduce(counts)
-    return InitReport(int(counts[0]), int(counts[1]), mine)
+    return InitReport(int(counts[0]), int(counts[1]), mine, fingerprint)

@@ -84,9 +84,11 @@ def _train(recipe: Recipe, accelerator: Accelerator, ranks: Ranks, console: Cons
         return {"complete": True, "run_dir": str(run.path)}
     set_seed(recipe.train.seed)
     # 2. model, adapters, data, initial factors; a fresh run folder is written only once they load
-    setup = build(recipe, accelerator.device, accelerator.distributed_type.value, trust, console)
+    setup = build(recipe, accelerator.device, ranks.world, trust, console)
     if resume_from is None:
         run.start()
+    if setup.sharded:
+        console.print(setup.sharded)
     console.print(data_line(recipe, setup))
     meta, summary = initialise(recipe, setup, accelerator, console)
     distributed.seed_rank(recipe.train.seed, ranks)  # after the shared init: dropout differs across ranks
@@ -133,10 +135,7 @@ def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: run_
     if cfg.compile:
         _compile_layers(setup.model)
     params = [p for p in setup.model.parameters() if p.requires_grad]
-    sharded = cfg.distributed == "fsdp" and accelerator.num_processes > 1
-    if sharded:
-        console.print(distributed.shard(setup.model, params))
-        params = [p for p in setup.model.parameters() if p.requires_grad]  # collected after sharding, as clipping needs
+    sharded = setup.sharded is not None
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     stream = BatchStream(len(setup.train_set.examples), seed=cfg.seed, micro=cfg.micro_batch_size, accumulation=accumulation,
                          rank=accelerator.process_index, world=accelerator.num_processes)

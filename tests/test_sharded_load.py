@@ -1,0 +1,224 @@
+"""train.distributed=fsdp on 2 gloo processes with the sharded loading (training/sharded_load.py): no process holds
+the whole base, each reads its slices of the checkpoint, and the model is the one a single process builds."""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from helpers import REPO
+from milora_cli import shards
+from milora_cli.errors import ModelError
+from milora_cli.training import sharded_load
+from test_distributed import lines, torchrun, write_recipe
+from test_train import factors, max_rel_diff, tiny_recipe
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "1000"}
+
+
+def _benchmark():
+    """benchmarks/sharded_memory.py: the ~200M model, the recipe and the measure the benchmark runs."""
+    spec = importlib.util.spec_from_file_location("sharded_memory", REPO / "benchmarks" / "sharded_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def untied_model_dir(tmp_path_factory, smollm2_path) -> str:
+    """A tiny seeded Llama with an untied head and SmolLM2's tokenizer, saved in bf16 in 3 or more shards."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from milora_cli import models
+
+    folder = tmp_path_factory.mktemp("untied-llama")
+    tokenizer = models.load_tokenizer(smollm2_path)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="2MB")
+    tokenizer.save_pretrained(folder)
+    assert len(list(folder.glob("model-*.safetensors"))) >= 3
+    return str(folder)
+
+
+def _launch(processes: int, script: str, *args: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), script, *args]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_sharded_init_has_the_factors_and_logits_of_one_unsharded_process(untied_model_dir, tiny_data, tmp_path):
+    """The same build and initialise as `milora train`: sharded on 2 processes, unsharded on 1 (world 1 never shards).
+    Both decompose the same bytes with the same code in one thread, and the sharded forward runs the same ops on
+    all-gathered copies of the same weights, so the factors and the logits are equal bit for bit."""
+    raw = tiny_recipe(untied_model_dir, tiny_data, tmp_path / "run", distributed="fsdp", max_steps=0)
+    raw["adapter"]["cache_factors"] = False  # each run decomposes
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder, processes in ((one, 1), (two, 2)):
+        folder.mkdir()
+        _launch(processes, "tests/sharded_worker.py", str(recipe), str(folder))
+    reference, sharded = load_file(one / "rank0.safetensors"), [load_file(two / f"rank{r}.safetensors") for r in (0, 1)]
+    assert len(reference) == 2 + 2 * 14  # logits, ids, A0 and B0 of the 14 linear layers
+    for rank in sharded:
+        assert all(torch.equal(rank[name], reference[name]) for name in reference), "factors or logits differ"
+    metadata = []
+    for path in (one / "rank0.safetensors", two / "rank0.safetensors", two / "rank1.safetensors"):
+        with safe_open(str(path), "pt") as opened:
+            metadata.append(opened.metadata())
+    assert len({m["fingerprint"] for m in metadata}) == 1  # sampled by each weight's reader, shared: the same
+    assert metadata[0]["sharded"] == "None" and "of 2 processes" in metadata[1]["sharded"]
+
+
+def test_two_sharded_processes_train_as_ddp_and_as_one_process(untied_model_dir, tiny_data, tmp_path):
+    """With validation and held-out generation: the untied embeddings and head are FSDP units of their own."""
+    def recipe(out: Path, **train) -> Path:
+        raw = tiny_recipe(untied_model_dir, tiny_data, out, eval_every=3, **train)
+        raw["eval"] = {"heldout": 4, "batch_size": 2, "max_new_tokens": 4}
+        return write_recipe(tmp_path / f"{out.name}.yaml", raw)
+    one, fsdp, ddp = tmp_path / "one", tmp_path / "fsdp", tmp_path / "ddp"
+    _launch(1, "-m", "milora_cli", "train", str(recipe(one, micro_batch_size=4)))
+    torchrun(recipe(fsdp, micro_batch_size=2, distributed="fsdp"))
+    torchrun(recipe(ddp, micro_batch_size=2, distributed="ddp"))
+    # FSDP and DDP compute the same ops on the same values per rank; DDP averages gradients as a/2 + b/2, FSDP's
+    # adapters as (a + b)/2: equal in floating point (halving is exact), so the adapters are equal bit for bit.
+    assert all(torch.equal(a, b) for a, b in zip(factors(fsdp / "adapter").values(), factors(ddp / "adapter").values(), strict=True))
+    # One process sums each gradient over 4 examples in one pass where 2 processes sum 2 + 2: fp32 sums in another
+    # order, each within n * 2^-24 relative of exact (n <= 256 terms: 1.5e-5 at most, ~1e-6 typically), over 3 steps.
+    assert max_rel_diff(factors(fsdp / "adapter"), factors(one / "adapter")) <= 1e-5
+    for name in ("heldout_before.jsonl", "heldout_after.jsonl"):
+        assert [r.get("generation") for r in lines(fsdp / name)] == [r.get("generation") for r in lines(ddp / name)]
+    val = [[r["val_loss"] for r in lines(run / "metrics.jsonl") if "val_loss" in r] for run in (fsdp, ddp)]
+    assert len(val[0]) == 1 and val[0] == val[1]
+
+
+def test_fsdp_with_a_quantized_base_is_refused_in_a_real_launch_before_any_model_loads(tiny_model_dir, tiny_data, tmp_path):
+    raw = tiny_recipe(tiny_model_dir, tiny_data, tmp_path / "run", distributed="fsdp")
+    raw["model"] |= {"quantize": "nf4", "dtype": "bf16"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "milora_cli", "train",
+               str(write_recipe(tmp_path / "r.yaml", raw))]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    # torchrun itself exits 1 when a worker fails and prints its own summary; each worker exits 2 with one line
+    assert result.returncode != 0 and result.stderr.count("exitcode  : 2") + result.stderr.count("exitcode : 2") >= 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all("model.quantize=nf4 with train.distributed=fsdp" in line for line in errors)
+    assert "[rank0]: Traceback" not in result.stderr and "Loading weights" not in result.stderr + result.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_launchers_of_one_process_train_the_adapter_of_one_launcher_of_two(tiny_model_dir, tiny_data, tmp_path):
+    """Multi-node as a cluster runs it (c10d rendezvous, one launcher per node), both nodes on 127.0.0.1."""
+    def recipe(out: Path) -> Path:
+        raw = tiny_recipe(tiny_model_dir, tiny_data, out, micro_batch_size=2, distributed="fsdp", eval_every=None)
+        return write_recipe(tmp_path / f"{out.name}.yaml", raw)
+    single, nodes = tmp_path / "single", tmp_path / "nodes"
+    torchrun(recipe(single))
+    endpoint = f"127.0.0.1:{_free_port()}"
+    launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                                   "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--node-rank", str(node),
+                                   "-m", "milora_cli", "train", str(recipe(nodes))],
+                                  cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
+    outputs = [launcher.communicate(timeout=600) for launcher in launchers]
+    assert [launcher.returncode for launcher in launchers] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "fsdp: " in outputs[0][0] + outputs[1][0] and "of 2 processes" in outputs[0][0] + outputs[1][0]
+    # the same 2 ranks compute the same ops on the same values, wherever their processes run
+    expected, trained = factors(single / "adapter"), factors(nodes / "adapter")
+    assert all(torch.equal(trained[name], expected[name]) for name in expected)
+    assert [r["loss"] for r in lines(nodes / "metrics.jsonl") if "loss" in r] == [r["loss"] for r in lines(single / "metrics.jsonl") if "loss" in r]
+
+
+def _slice_bytes(shape: tuple[int, ...], itemsize: int, rank: int, world: int) -> int:
+    """Bytes of a rank's FSDP2 shard of a tensor: Shard(0), rows in chunks of ceil(rows / world) (torch.chunk's split)."""
+    rows, chunk = shape[0], math.ceil(shape[0] / world)
+    return max(0, min(rows, (rank + 1) * chunk) - rank * chunk) * math.prod(shape[1:]) * itemsize
+
+
+@pytest.mark.slow
+def test_no_sharded_process_holds_the_whole_model_nor_reads_it(smollm2_path, tmp_path):
+    """The ~200M model of benchmarks/sharded_memory.py (814 MB in fp32, 407 MB of bf16 in 5 shards) on 2 processes.
+
+    Loading and initialising, a process holds its half of the base plus, at most, the bounds below. A training
+    step adds FSDP's working set, which no sharding avoids: a unit's weights are gathered whole while it runs, and
+    FSDP2 gathers into a flat buffer, copies out into the parameters and keeps a copy of its shard (2.5 units; this
+    model's largest unit, the untied head, is a quarter of it, where Llama-3-70B's is 1.5 %)."""
+    bench = _benchmark()
+    model_dir = bench.save_model(tmp_path / "model", smollm2_path)
+    runs = {(mode, steps): bench.measure(model_dir, tmp_path, mode, 2, steps) for mode, steps in (("fsdp", 0), ("fsdp", 1), ("ddp", 0))}
+    tensors = shards.read_index(model_dir)
+    whole = 4 * bench.n_parameters()  # fp32, the recipe's dtype
+    largest = max(tensors.values(), key=lambda info: math.prod(info.shape))
+    # 1. load + init: the half; the largest slice twice (its pages mapped, get_slice's copy); the decomposition of a
+    # 1024 x 1024 target (bf16 read, fp32, fp64 copy, Gram, eigenvectors, eigh's workspace: < 6 fp64 copies); the
+    # fp32 adapter state (A, B, A0, B0, gradients, 2 moments, the all-reduce buffer); 64 MiB for the tokenizer, the
+    # data, the process group and Python's objects
+    workspace = 6 * 8 * bench.HIDDEN**2  # the targets, q_proj and v_proj, are HIDDEN x HIDDEN
+    adapter_state = 9 * 4 * len(bench.TARGETS) * bench.LAYERS * bench.RANK * 2 * bench.HIDDEN
+    bound = whole / 2 + 2 * _slice_bytes(largest.shape, 2, 0, 2) + workspace + adapter_state + 64 * 2**20
+    assert max(runs["fsdp", 0]["peaks"]) < bound < whole < min(runs["ddp", 0]["peaks"]), runs
+    # 2. one training step: plus FSDP's working set for the largest unit (the head, fp32)
+    unit = 4 * bench.VOCAB * bench.HIDDEN
+    assert max(runs["fsdp", 1]["peaks"]) < bound + 2.5 * unit < min(runs["ddp", 0]["peaks"]), runs
+    # 3. bytes read: each rank's rows of every tensor, and the targets it decomposes (round-robin over the layers)
+    targets = [f"model.layers.{i}.self_attn.{name}.weight" for i in range(bench.LAYERS) for name in bench.TARGETS]
+    for rank in (0, 1):
+        own = sum(shards.nbytes((name, "BF16", tensors[name].shape)) for name in targets[rank::2])
+        expected = sum(_slice_bytes(info.shape, 2, rank, 2) for info in tensors.values()) + own
+        assert runs["fsdp", 0]["bytes_read"][rank] == expected
+        assert expected == whole / 4 + own  # half the bf16 checkpoint (every tensor's rows are even), its own targets
+
+
+
+def test_a_checkpoint_without_the_models_names_is_one_line_before_any_read(tiny_model_dir, tmp_path):
+    """A config.json that asks for a third layer the safetensors do not hold: named, before a byte of weights is read."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 3}))
+    model = sharded_load.empty_model(str(folder), "fp32", False, "sdpa")
+    assert all(param.is_meta for param in model.parameters())  # nothing allocated: the base is built without storage
+    with pytest.raises(ModelError, match=r"has 'model\.layers\.2\.self_attn\.q_proj\.weight' absent, the model built from its "
+                                         r"config\.json needs \[32, 32\]"):
+        sharded_load.load_shards(model, str(folder))
+
+
+def _average_in_buckets(rank: int, folder: str) -> None:
+    """One of 2 gloo processes: average 3 gradients of rank-dependent values through 2-element buckets."""
+    from milora_cli.training import distributed
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((2,), (3,), (1, 1))]
+    for i, param in enumerate(params[:2]):  # the third has no gradient: it still takes part, as zeros
+        param.grad = torch.arange(param.numel(), dtype=torch.float32).view_as(param) + 10 * i + 100 * rank
+    assert [len(bucket) for bucket in distributed._buckets(params, 8)] == [1, 1, 1]  # 8 bytes: 2 floats a bucket
+    distributed.BUCKET_BYTES = 8
+    distributed.average_gradients(params, 2)
+    save_file({str(i): param.grad for i, param in enumerate(params)}, Path(folder) / f"rank{rank}.safetensors")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_adapter_gradients_are_averaged_bucket_by_bucket(tmp_path):
+    torch.multiprocessing.spawn(_average_in_buckets, args=(str(tmp_path),), nprocs=2)
+    for rank in (0, 1):
+        grads = load_file(tmp_path / f"rank{rank}.safetensors")
+        assert torch.equal(grads["0"], torch.tensor([50.0, 51.0])) and torch.equal(grads["1"], torch.tensor([60.0, 61.0, 62.0]))
+        assert torch.equal(grads["2"], torch.zeros(1, 1))
