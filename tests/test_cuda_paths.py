@@ -114,6 +114,44 @@ def test_the_interruption_flag_is_reduced_on_the_cpu_and_reaches_every_process()
     assert dict(results) == {0: (True, True, False), 1: (True, True, False)}
 
 
+def _generation_worker(rank: int, world: int, init_file: str, results) -> None:
+    from torch.distributed.tensor import DTensor
+    from transformers import LlamaForCausalLM
+
+    from milora_cli.evaluation import generate
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+        model = LlamaForCausalLM(config).eval()
+        distributed.shard(model, [])
+        weight = lambda: model.model.layers[0].self_attn.q_proj.weight  # noqa: E731 - the attribute FSDP2 swaps
+        prompt = torch.tensor([[1, 2, 3, 4]])
+        with torch.no_grad():
+            plain = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+            after_plain = isinstance(weight(), DTensor)
+            with generate.gathered(model):
+                kept = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+                inside = isinstance(weight(), DTensor)
+        results[rank] = (after_plain, inside, isinstance(weight(), DTensor), torch.equal(plain, kept))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_under_fsdp_generation_gathers_each_layer_once_not_once_a_token():
+    """FSDP2 reshards a unit after every forward, so generate() all-gathered every layer again for each decoded
+    token. Within generate.gathered (where every process has room for the whole model, as here) a unit's
+    weights stay gathered after its forward until the generation ends, then are sharded again; the tokens
+    are the same."""
+    results = mp.Manager().dict()
+    with tempfile.TemporaryDirectory() as folder:
+        mp.start_processes(_generation_worker, args=(2, os.path.join(folder, "init"), results), nprocs=2, join=True, start_method="spawn")
+    # sharded after a plain forward; whole (no DTensor) inside, between tokens; sharded again after; same tokens
+    assert dict(results) == {0: (True, False, True, True), 1: (True, False, True, True)}
+
+
 def test_under_autocast_a0_b0_are_cast_once_and_the_init_stays_exact():
     """Autocast caches its casts only of tensors that require grad: the frozen A0/B0 would be cast on every
     forward. The layer keeps autocast-dtype copies until A0/B0 change; the correction still cancels exactly."""

@@ -27,6 +27,48 @@ def eval_mode(model) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextmanager
+def gathered(model) -> Iterator[None]:
+    """Under FSDP2, keep each unit's weights gathered from its first forward until the generation ends, instead of
+    all-gathering every layer again for every decoded token; so only when every process has room for the whole
+    model twice over (the decision is shared: a process that kept its weights while another gathered again
+    would wait forever). A model sharded because it does not fit one device gathers per token, as before.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [module for module in model.modules() if isinstance(module, FSDPModule) and module is not model]  # the root keeps its own rule
+    if not units or not _all_have_room_for(model):
+        yield
+        return
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+def _all_have_room_for(model) -> bool:
+    """Whether every process has free memory for twice the whole model (parameters at their global size)."""
+    device = next(model.parameters()).device
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())  # a DTensor's numel is the global one
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_host_memory()
+    room = torch.tensor([int(free >= 2 * whole)], device=device)
+    torch.distributed.all_reduce(room, op=torch.distributed.ReduceOp.MIN)
+    return bool(room.item())
+
+
+def _available_host_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 where there is none: keep gathering per token)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
 @torch.no_grad()
 def generate(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
@@ -43,7 +85,7 @@ def generate(
     stops = {"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}
     outputs: list[str] = []
     try:
-        with eval_mode(model):
+        with eval_mode(model), gathered(model):
             for start in range(0, len(prompts), batch_size):
                 batch = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True,
                                   add_special_tokens=add_special_tokens).to(device)
