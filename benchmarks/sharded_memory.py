@@ -79,7 +79,7 @@ def recipe(model_dir: Path, data: Path, out: Path, distributed: str, steps: int)
             "data": {"path": str(data), "val_size": 0, "max_length": MAX_LENGTH},
             "train": {"max_steps": steps, "micro_batch_size": 1, "warmup_steps": 0, "log_every": 1, "eval_every": None,
                       "distributed": distributed},
-            "output": {"dir": str(out), "tensorboard": False}}
+            "output": {"dir": str(out)}}
 
 
 def measure(model_dir: Path, folder: Path, distributed: str, processes: int, steps: int) -> dict:

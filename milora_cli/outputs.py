@@ -80,11 +80,18 @@ def claim(output: Path, kind: str, flag: str, force: bool = False, inputs: Itera
         shutil.rmtree(place)
 
 
+# Folders of a run that another program writes, links of its own included (wandb's `latest-run`): milora writes
+# nothing inside them, and rmtree removes a link inside without following it, so only the folder itself is checked.
+FOREIGN_FOLDERS = ("wandb",)
+
+
 def refuse_links(folder: Path) -> None:
     """Refuse a folder that holds a symbolic link anywhere inside it (a downloaded run or eval folder may)."""
     for parent, names, files in os.walk(folder):  # does not follow links to folders: they are listed in names
         for name in [*names, *files]:
             atomic.refuse_link(Path(parent) / name)
+        if Path(parent) == folder:
+            names[:] = [name for name in names if name not in FOREIGN_FOLDERS]  # checked above, not descended into
 
 
 def _a(kind: str) -> str:
