@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from milora_cli import adapter, atomic, models, svd
-from milora_cli.recipe import AdapterConfig
+from milora_cli.recipe import AdapterConfig, Init
 
 FORMAT = "milora-factors/1"
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A0 (r, in), B0 (out, r)), float32
@@ -60,7 +60,7 @@ def cache_key(layer: adapter.MiloraLinear, cfg: AdapterConfig, weight: torch.Ten
     return f"{FORMAT}|{digest}|init={cfg.init}|r={layer.r}|alpha={layer.lora_alpha}|{cfg.svd_driver}|{cfg.svd_dtype}"
 
 
-def read_cached(path: Path, key: str, layer: adapter.MiloraLinear, weight: torch.Tensor) -> Factors | None:
+def read_cached(path: Path, key: str, layer: adapter.MiloraLinear, weight: torch.Tensor, init: Init) -> Factors | None:
     """The cached factors of `key`, or None when absent, unreadable, not what this layer needs, or not singular
     triplets of `weight`: the key holds the weight's sha256, but anyone who can write to a shared cache can
     write a file under that key (svd.are_singular_pairs)."""
@@ -77,7 +77,7 @@ def read_cached(path: Path, key: str, layer: adapter.MiloraLinear, weight: torch
         return None
     if lora_A.shape != layer.lora_A0.shape or lora_B.shape != layer.lora_B0.shape:
         return None
-    mica = "|init=mica|" in key  # A0 = 0: only B0's columns can be checked
+    mica = init == "mica"  # A0 = 0: only B0's columns can be checked
     if mica and (lora_A.any() or not svd.are_left_singular_vectors(weight, lora_B)):
         return None
     if not mica and not svd.are_singular_pairs(weight, lora_A, lora_B, layer.scaling):
@@ -96,7 +96,7 @@ def _own_factors(layer: adapter.MiloraLinear, cfg: AdapterConfig, use_cache: boo
     if use_cache:
         key = cache_key(layer, cfg, weight)
         path = cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.safetensors"
-        cached = read_cached(path, key, layer, weight)
+        cached = read_cached(path, key, layer, weight, cfg.init)
         if cached is not None:
             return cached, True
     lora_A, lora_B = adapter.initial_factors(layer, cfg.init, cfg.svd_dtype, cfg.svd_driver, weight=weight)
