@@ -163,7 +163,8 @@ def _run_loop(loop: Loop, console: Console) -> None:
     collate = collator(loop.recipe, setup.model, setup.tokenizer.pad_token_id)
     window = Window()
     loop.loss_module.train()
-    with Progress(console, loop.max_steps, start_step=loop.step, enabled=loop.saver.run.main) as progress, _interrupt_flag() as interrupted:
+    progress_bar = Progress(console, loop.max_steps, start_step=loop.step, enabled=loop.saver.run.main)
+    with progress_bar as progress, _interrupt_flag(accelerator.num_processes) as interrupted:
         while loop.step < loop.max_steps:
             micro = [collate([setup.train_set.examples[i] for i in part]).to(accelerator.device) for part in loop.stream.step(loop.step)]
             everyone = [setup.train_set.examples[i] for i in loop.stream.global_indices(loop.step)]
@@ -185,7 +186,7 @@ def _run_loop(loop: Loop, console: Console) -> None:
                     loop.log.write(record)
                 progress.update(loop.step, record)
             _after_step(loop, collate, progress)
-            if interrupted(accelerator) and loop.step < loop.max_steps:
+            if interrupted() and loop.step < loop.max_steps:
                 loop.saver.save("periodic", loop.step, optimizer=loop.optimizer.optimizer, best=loop.best)
                 console.print(f"[yellow]interrupted:[/] checkpoint at step {loop.step}; run the same command again to resume")
                 _leave_process_group(accelerator)  # every process stops at this step: interrupted() agreed on it
@@ -272,8 +273,9 @@ class Window:
 
 
 @contextmanager
-def _interrupt_flag():
-    """Turn SIGINT/SIGTERM into a flag the loop checks after each step, so a checkpoint is whole."""
+def _interrupt_flag(world: int):
+    """Turn SIGINT/SIGTERM into a flag the loop checks after each step, so a checkpoint is whole. A collective
+    when `world` > 1: every process enters it at the loop's start."""
     hit = {"signal": False}
 
     def handler(signum, frame):
@@ -281,15 +283,11 @@ def _interrupt_flag():
             raise KeyboardInterrupt
         hit["signal"] = True
 
-    group = {}
+    group = distributed.control_group() if world > 1 else None
 
-    def interrupted(accelerator: Accelerator) -> bool:
-        if accelerator.num_processes == 1:
-            return hit["signal"]
+    def interrupted() -> bool:
         # Every process must stop at the same step, or the others would wait forever in a collective.
-        if "control" not in group:  # made at the first check, which every process reaches at the same step
-            group["control"] = distributed.control_group()
-        return distributed.any_process(hit["signal"], group["control"])
+        return distributed.any_process(hit["signal"], group) if world > 1 else hit["signal"]
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
