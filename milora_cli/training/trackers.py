@@ -60,8 +60,6 @@ def start(accelerator: Any, recipe: Recipe, run_path: Path, resume_step: int | N
     """init_trackers for a fresh run (new ids), or for one resumed after `resume_step` (the ids it kept)."""
     if not recipe.output.report_to or not accelerator.is_main_process:
         return
-    for folder in ("tensorboard", "wandb"):  # where trackers write inside the run: never through a link (README "Trust")
-        atomic.refuse_link(run_path / folder)
     kept = _read_state(run_path) if resume_step is not None else {}
     ids = {"wandb": kept.get("wandb") or secrets.token_hex(6), "mlflow": kept.get("mlflow"), "comet": kept.get("comet") or secrets.token_hex(16)}
     name = run_path.resolve().name
