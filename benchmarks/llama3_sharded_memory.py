@@ -9,8 +9,9 @@ GB (1e9 bytes) per process, bf16 base, adapters on all seven projections of ever
                target, one at a time: its bf16 read, a float64 copy (8 bytes a weight), the Gram matrix of the
                short side, its eigenvectors and eigh's workspace (3 float64 k x k matrices)
   steady       the shard + the whole adapter state (A, B, A0, B0, gradients, AdamW's 2 moments: 20 bytes a
-               factor element, and one 25 MB all-reduce bucket) + FSDP2's working set for the largest unit (the
-               head; 2.5 units in bf16: its flat all-gather buffer, the copied-out weights, its shard's copy),
+               factor element, and one 25 MB all-reduce bucket) + FSDP2's working set for the largest unit (one
+               linear layer, an MLP projection; 2.5 units in bf16: its flat all-gather buffer, the copied-out
+               weights, its shard's copy; the embedding and the head are vocabulary-parallel, never gathered),
                without activations (see the batch table of benchmarks/llama3_memory.py)
   ddp          the whole base on every process, for comparison
 Not counted: the CUDA context and the allocator's slack (0.5-1 GB), activations.
@@ -60,7 +61,7 @@ def per_process(model: Llama, r: int) -> dict[str, float]:
     k = min(out, inp)
     decomposition = 2 * out * inp + 8 * out * inp + 3 * 8 * k * k
     init = shard + 16 * factor_elements + max(2 * largest_slice, decomposition)
-    largest_unit = max(model.layer_parameters(), model.vocab * model.hidden)  # a decoder layer, or the head
+    largest_unit = max(o * i for o, i in model.projections().values())  # distributed.shard: a unit per linear layer
     steady = shard + 20 * factor_elements + 25 * 2**20 + 2.5 * 2 * largest_unit
     return {name: value / 1e9 for name, value in
             {"load": load, "init": init, "steady": steady, "ddp": 2 * model.parameters()}.items()}

@@ -149,7 +149,8 @@ def main() -> None:
                 for mode in ("fsdp", "ddp") for steps in (0, args.steps)}
     whole = 4 * n_parameters()
     print(f"{n_parameters():,} parameters: {whole / 1e6:.0f} MB in fp32 (checkpoint {whole / 2e6:.0f} MB bf16); "
-          f"{args.processes} processes; largest FSDP unit (lm_head) {4 * VOCAB * HIDDEN / 1e6:.0f} MB")
+          f"{args.processes} processes; largest FSDP unit (one MLP projection) {4 * HIDDEN * INTERMEDIATE / 1e6:.1f} MB, "
+          f"embedding and head split by vocabulary rows")
     print(f"| mode | peak added per process, load + init (MB) | with {args.steps} training step(s) (MB) | checkpoint read per process (MB) |")
     print("|---|---|---|---|")
     for mode in ("fsdp", "ddp"):

@@ -21,6 +21,7 @@ from milora_cli import dtypes
 from milora_cli.errors import RecipeError
 from milora_cli.ranks import Ranks
 from milora_cli.recipe import TrainConfig
+from milora_cli.training import vocab_parallel
 
 
 def accumulation_steps(cfg: TrainConfig, world: int) -> int:
@@ -42,24 +43,33 @@ def accumulation_steps(cfg: TrainConfig, world: int) -> int:
     return cfg.global_batch_size // per_pass
 
 
-def shard(model: torch.nn.Module, adapter_params: list[torch.nn.Parameter]) -> str:
-    """FSDP2 over the frozen base weights: the input embedding, each decoder layer, the output embedding, then
-    the root; the adapters left whole. Returns a line saying how much of the model this rank holds.
+def shard(model: torch.nn.Module, adapter_params: list[torch.nn.Parameter], device_type: str) -> str:
+    """Spread the frozen base over the processes: the input embedding and the head by vocabulary rows
+    (vocab_parallel.py); as FSDP2 units, each linear layer of the decoder layers, then each decoder layer (its
+    norms), then the root; the adapters left whole. Returns a line saying how much of the model this rank holds.
 
-    A unit's weights are gathered whole while it runs, so the embeddings get units of their own (as torchtitan
-    gives them): in the root they would be whole together for all of a forward, a quarter of a small model.
-    Tied, they are one Parameter and stay in the root.
+    A unit's weights are gathered whole while it runs, and FSDP2 holds about 2.5 copies of it then (the gathered
+    buffer, the parameters copied out of it, its shard): a unit per linear layer keeps that working set to the
+    largest matrix (Llama-3-70B's MLP projections, 470 MB in bf16, where a decoder layer is 1.7 GB) for the same
+    bytes all-gathered, in 7 collectives a layer instead of one. Where the embedding and head cannot be split
+    (vocab_parallel.split), they get units of their own (as torchtitan gives them): in the root they would be
+    whole together for all of a forward. Tied, they are one Parameter and stay in the root.
     """
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor
 
-    ignored = set(adapter_params)
+    mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
+    split = vocab_parallel.split(model, mesh)
+    ignored = set(adapter_params) | split
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # no sharded parameter trains; fp32 if one ever does
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    untied = head is not None and head.weight is not embeddings.weight
-    for unit in [embeddings] * untied + list(model.get_decoder().layers) + [head] * untied:
-        fully_shard(unit, mp_policy=policy, ignored_params=ignored)
-    fully_shard(model, mp_policy=policy, ignored_params=ignored)
+    untied = not split and head is not None and head.weight is not embeddings.weight
+    layers = list(model.get_decoder().layers)
+    linears = [module for layer in layers for module in layer.modules() if type(module) is torch.nn.Linear and not module.weight.requires_grad]
+    for unit in linears + [embeddings] * untied + layers + [head] * untied:
+        fully_shard(unit, mesh=mesh, mp_policy=policy, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored)
     # What transformers' own FSDP2 helper marks: generate() then keeps every rank stepping until all are
     # done (synced_gpus), since each forward all-gathers the layers' weights on all ranks.
     model._is_fsdp_managed_module = True

@@ -3,7 +3,8 @@
 1. The model is built from its config with its parameters on the meta device (accelerate's
    init_empty_weights: no storage; buffers such as the rotary inv_freq are computed for real, from the
    config, as from_pretrained computes them), and the adapters are injected.
-2. The base is sharded (distributed.shard: FSDP2 units per decoder layer, embeddings and head), still on meta.
+2. The base is sharded (distributed.shard: the embedding and head split by vocabulary rows, an FSDP2 unit per
+   decoder layer), still on meta.
 3. Each process allocates only its own shards (to_empty) and reads only its own slice of every base
    weight from the safetensors files: torch.distributed.checkpoint's load with its HuggingFaceStorageReader,
    which plans each process's slices from the DTensors' placements and reads each one with safetensors'
@@ -41,7 +42,7 @@ def sharded_model(path: str, model_cfg: ModelConfig, adapter_cfg: AdapterConfig,
     names = adapter.find_targets(model, adapter_cfg.target_modules)
     adapters = adapter.inject(model, names, adapter_cfg.r, adapter_cfg.alpha, adapter_cfg.dropout)
     adapter.set_trainable(adapters, adapter_cfg.init)  # before sharding: what trains stays outside FSDP's units
-    line = distributed.shard(model, [param for param in model.parameters() if param.requires_grad])
+    line = distributed.shard(model, [param for param in model.parameters() if param.requires_grad], torch.device(device).type)
     materialise(model, device)
     bytes_read = load_shards(model, path)
     if model_cfg.dtype == "fp64":
