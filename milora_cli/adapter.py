@@ -255,18 +255,20 @@ def initialise(
     set_trainable(adapters, init)
 
 
-def adapter_tensors(adapters: dict[str, MiloraLinear]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def adapter_tensors(adapters: dict[str, MiloraLinear], keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(trained, initial) factors keyed `{layer}.lora_A.weight` / `{layer}.lora_B.weight`, CPU, in the factors'
     dtype (float32; float64 for a float64 base, so that a resume continues from the very values). Whole tensors:
-    under fsdp a collective that every process calls."""
+    under fsdp a collective that every process calls; a process without `keep` gathers each tensor for the others
+    and drops it, and gets ({}, {}) (so only the process that writes holds the whole adapter on its host)."""
     def cpu(tensor: torch.Tensor) -> torch.Tensor:
-        tensor = dtensor.whole(tensor.detach())  # under fsdp a collective: every process gathers, in the same order
         return tensor.to(dtypes.at_least_fp32(tensor.dtype)).cpu().contiguous()
 
     trained, initial = {}, {}
     for name, layer in adapters.items():
-        trained |= {adapter_folder.key(name, "A"): cpu(layer.lora_A.weight), adapter_folder.key(name, "B"): cpu(layer.lora_B.weight)}
-        initial |= {adapter_folder.key(name, "A"): cpu(layer.lora_A0), adapter_folder.key(name, "B"): cpu(layer.lora_B0)}
+        for part, factor, start in (("A", layer.lora_A.weight, layer.lora_A0), ("B", layer.lora_B.weight, layer.lora_B0)):
+            factor, start = dtensor.whole(factor.detach()), dtensor.whole(start.detach())  # one tensor at a time on the device
+            if keep:
+                trained[adapter_folder.key(name, part)], initial[adapter_folder.key(name, part)] = cpu(factor), cpu(start)
     return trained, initial
 
 

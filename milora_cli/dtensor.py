@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor (a parameter of an fsdp run, its gradient or optimizer state)."""
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
@@ -20,13 +21,13 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor: gathered from every process for a DTensor (a collective), else `tensor` itself."""
-    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
 
 
 def local_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`full` laid out as `like`: for a DTensor, a DTensor of the same mesh and placements holding this process's
     part of `full` (src_data_rank=None: each process slices its own copy, nothing is sent); else `full`."""
-    if not _is_dtensor(like):
+    if not is_sharded(like):
         return full
     from torch.distributed.tensor import distribute_tensor
 

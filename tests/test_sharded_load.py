@@ -202,9 +202,10 @@ def test_a_checkpoint_without_the_models_names_is_one_line_before_any_read(tiny_
 
 def test_sharded_adapter_state_holds_half_the_rows_on_each_process(untied_model_dir, tiny_data, tmp_path):
     """After a training step under fsdp on 2 processes, every lora_A, lora_B, A0, B0, gradient and AdamW moment is a
-    DTensor of which each process holds at most ceil(rows / 2) rows, every row on exactly one process."""
+    DTensor of which each process holds at most ceil(rows / 2) rows, every row on exactly one process (the worker of
+    benchmarks/sharded_memory.py --adapter-state)."""
     raw = tiny_recipe(untied_model_dir, tiny_data, tmp_path / "run", distributed="fsdp", micro_batch_size=2)
-    _launch(2, "tests/sharded_step_worker.py", str(write_recipe(tmp_path / "r.yaml", raw)), str(tmp_path))
+    _launch(2, "benchmarks/sharded_memory.py", "--adapter-worker", str(write_recipe(tmp_path / "r.yaml", raw)), str(tmp_path))
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     tensors = [report["tensors"] for report in reports]
     assert len(tensors[0]) == 14 * (4 + 2 * 3)  # 14 layers: A, B, A0, B0, and the gradient and 2 moments of A and B

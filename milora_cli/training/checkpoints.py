@@ -24,12 +24,17 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 
 
-def whole_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """optimizer.state_dict() with whole tensors: under fsdp AdamW's moments are sharded as their parameters
-    are, and each is gathered (a collective: every process calls this at the same point)."""
+def whole_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict[str, Any]:
+    """optimizer.state_dict() with whole tensors. Under fsdp AdamW's moments are sharded as their parameters are:
+    each is gathered (a collective: every process calls this at the same point) and moved to the host one at a
+    time; a process without `keep` drops them and gets the state without its tensors."""
     opt = optimizer.state_dict()
-    opt["state"] = {index: {name: dtensor.whole(value) for name, value in entry.items()} for index, entry in sorted(opt["state"].items())}
-    return opt
+    state = {}
+    for index, entry in sorted(opt["state"].items()):
+        gathered = {name: dtensor.whole(value).cpu() if dtensor.is_sharded(value) else value for name, value in entry.items()}
+        if keep:
+            state[index] = gathered
+    return opt | {"state": state}
 
 
 def write_training_state(folder: Path, opt: dict[str, Any], state: dict[str, Any], rng: dict[str, torch.Tensor]) -> None:

@@ -116,8 +116,8 @@ class Saver:
         # every process's RNG, gathered by all of them before the main process writes alone
         rng = distributed.gathered_rng(Ranks.of(self.accelerator)) if kind == "periodic" else {}
         # whole tensors, gathered by every process under fsdp (collectives), before the main process writes alone
-        trained, initial = adapter.adapter_tensors(self.adapters)
-        opt = checkpoints.whole_optimizer_state(optimizer) if kind == "periodic" else None
+        trained, initial = adapter.adapter_tensors(self.adapters, keep=self.run.main)
+        opt = checkpoints.whole_optimizer_state(optimizer, keep=self.run.main) if kind == "periodic" else None
         self.accelerator.wait_for_everyone()
         if not self.run.main:
             return
