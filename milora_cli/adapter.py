@@ -140,9 +140,8 @@ class MiloraLinear(nn.Module):
             if initial:
                 dtensor.copy_whole(self.lora_A0, lora_A)
                 dtensor.copy_whole(self.lora_B0, lora_B)
-                # from the whole factors, so every process decides the same (in the factors' dtype, as stored)
-                dtype = self.lora_A0.dtype
-                self.has_correction = bool(lora_B.to(dtype).any()) and bool(lora_A.to(dtype).any())
+                # from the whole factors, in their stored dtype: every process decides the same
+                self.has_correction = bool(lora_B.to(self.lora_B0.dtype).any()) and bool(lora_A.to(self.lora_A0.dtype).any())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -156,8 +155,7 @@ class MiloraLinear(nn.Module):
         return result + (self.scaling * delta).to(result.dtype)
 
     def initial_factors_in(self, device_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A0, B0 as the correction's matmuls take them (InitialFactors.cast)."""
-        return self.lora_initial.cast(device_type)
+        return self.lora_initial.cast(device_type)  # A0, B0 as the correction's matmuls take them
 
     def delta_weight(self) -> torch.Tensor:
         """The learned update dW = s (B A - B0 A0), float32, (out, in). Under fsdp a collective (the factors gathered)."""
