@@ -10,7 +10,13 @@ everything training imports, resets its peak resident set (`echo 5 > /proc/self/
 trains through milora_cli.cli, and reports VmHWM minus the VmRSS it started from: the memory training added
 to that process at its peak, page-cache pages of the memory-mapped checkpoint included while mapped.
 
-tests/test_sharded_load.py runs the same measure and checks its bound; docs/BENCHMARKS.md holds a run.
+The adapter state per process (`--adapter-state`, r=ADAPTER_RANK on all seven projections): a launch of
+adapter_worker, which builds and initialises the model as `milora train` does, takes one optimizer step, and
+sums the bytes this process holds of lora_A, lora_B, A0, B0, their gradients and AdamW's two moments (under
+ddp also the whole tensors; DDP's own gradient buckets are not counted). tests/test_sharded_load.py runs the
+same worker on a tiny model and checks each tensor's rows.
+
+tests/test_sharded_load.py runs the same measures and checks their bounds; docs/BENCHMARKS.md holds a run.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ HIDDEN, LAYERS, INTERMEDIATE, HEADS, VOCAB = 1024, 8, 2816, 16, 49152
 PROJECTIONS = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, HIDDEN), "v_proj": (HIDDEN, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
                "gate_proj": (INTERMEDIATE, HIDDEN), "up_proj": (INTERMEDIATE, HIDDEN), "down_proj": (HIDDEN, INTERMEDIATE)}
 TARGETS, RANK, MAX_LENGTH = ["q_proj", "v_proj"], 8, 80
+ADAPTER_RANK = 64  # the adapter-state measure: all seven projections, where the state is large enough to see
 RECORDS = [{"instruction": f"Count to {n} in {lang}.", "input": "", "output": " ".join(["one two three"] * n)}
            for n in range(1, 9) for lang in ("English", "numbers")]
 
@@ -133,18 +140,94 @@ def worker(recipe_path: str, reports: str) -> None:
     raise SystemExit(code)
 
 
+def adapter_state(model_dir: Path, folder: Path, distributed: str, processes: int) -> list[int]:
+    """One torchrun launch of adapter_worker at r=ADAPTER_RANK on all seven projections: adapter bytes per rank."""
+    import yaml
+
+    raw = recipe(model_dir, folder / "records.json", folder / f"adapter-{distributed}", distributed, 1)
+    raw["adapter"] |= {"r": ADAPTER_RANK, "target_modules": list(PROJECTIONS)}
+    path = folder / f"adapter-{distributed}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    reports = folder / f"adapter-{distributed}-reports"
+    reports.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               __file__, "--adapter-worker", str(path), str(reports)]
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=1800)
+    if result.returncode:
+        raise SystemExit(f"{distributed} adapter-state run failed:\n{result.stderr[-3000:]}")
+    tensors = [json.loads((reports / f"rank{rank}.json").read_text())["tensors"] for rank in range(processes)]
+    return [sum(entry["bytes"] for entry in mine.values()) for mine in tensors]
+
+
+def adapter_worker(recipe_path: str, reports: str) -> None:
+    """One process: build and initialise as `milora train` does, one optimizer step (step.optimizer_step, then
+    AdamW), then, for every adapter tensor (lora_A, lora_B, A0, B0, the gradients and AdamW's two moments of those
+    that train): whether it is a DTensor, its rows, this process's rows and bytes."""
+    import torch
+    import yaml
+    from accelerate import Accelerator
+    from rich.console import Console
+
+    from milora_cli import dtensor
+    from milora_cli.recipe import validate
+    from milora_cli.training.build import build, initialise
+    from milora_cli.training.step import BatchStream, CausalLMLoss, optimizer_step
+    from milora_cli.training.train import collator
+
+    cfg = validate(yaml.safe_load(Path(recipe_path).read_text()))
+    accelerator = Accelerator(cpu=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    setup = build(cfg, accelerator.device, world)
+    initialise(cfg, setup, accelerator, Console(quiet=True))
+    params = [param for param in setup.model.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
+    loss_module = CausalLMLoss(setup.model, sharded=True) if setup.sharded else accelerator.prepare(CausalLMLoss(setup.model))
+    examples = setup.train_set.examples
+    stream = BatchStream(len(examples), seed=0, micro=cfg.train.micro_batch_size, accumulation=1, rank=rank, world=world)
+    collate = collator(cfg, setup.model, setup.tokenizer.pad_token_id)
+    micro = [collate([examples[i] for i in part]) for part in stream.step(0)]
+    n_targets = sum(examples[i].n_targets for i in stream.global_indices(0))
+    _, grad_norm = optimizer_step(loss_module, micro, accelerator, params, 1.0, n_targets)
+    grads = {id(param): param.grad for param in params}  # before the step: what the gradient reduction left
+    optimizer.step()
+
+    def entry(tensor) -> dict:
+        local = tensor.to_local() if dtensor.is_sharded(tensor) else tensor
+        return {"dtensor": dtensor.is_sharded(tensor), "rows": tensor.shape[0], "local_rows": local.shape[0],
+                "bytes": local.numel() * local.element_size()}
+
+    tensors = {}
+    for name, layer in setup.adapters.items():
+        for part, tensor in (("lora_A", layer.lora_A.weight), ("lora_B", layer.lora_B.weight), ("A0", layer.lora_A0), ("B0", layer.lora_B0)):
+            tensors[f"{name}.{part}"] = entry(tensor)
+            if tensor.requires_grad:
+                tensors[f"{name}.{part}.grad"] = entry(grads[id(tensor)])
+                tensors |= {f"{name}.{part}.{moment}": entry(optimizer.state[tensor][moment]) for moment in ("exp_avg", "exp_avg_sq")}
+    (Path(reports) / f"rank{rank}.json").write_text(json.dumps({"grad_norm": float(grad_norm), "tensors": tensors}))
+    torch.distributed.barrier()  # every rank reaches teardown together
+    torch.distributed.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--adapter-state", action="store_true", help="measure the adapter state per process only")
     parser.add_argument("--worker", nargs=2, metavar=("RECIPE", "REPORTS"), help=argparse.SUPPRESS)
+    parser.add_argument("--adapter-worker", nargs=2, metavar=("RECIPE", "REPORTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(*args.worker)
+    if args.adapter_worker:
+        return adapter_worker(*args.adapter_worker)
     from milora_cli import models
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_model(Path(tmp) / "model", models.resolve("smollm2-135m"))
+        if args.adapter_state:
+            (Path(tmp) / "records.json").write_text(json.dumps(RECORDS))
+            state = {mode: adapter_state(model_dir, Path(tmp), mode, args.processes) for mode in ("fsdp", "ddp")}
+            return print_adapter_state(state, args.processes)
         runs = {(mode, steps): measure(model_dir, Path(tmp), mode, args.processes, steps)
                 for mode in ("fsdp", "ddp") for steps in (0, args.steps)}
     whole = 4 * n_parameters()
@@ -158,6 +241,16 @@ def main() -> None:
         read = ", ".join(f"{n / 1e6:.0f}" for n in init["bytes_read"]) if init["bytes_read"] else "all of it (from_pretrained)"
         print(f"| {mode} | {', '.join(f'{n / 1e6:.0f}' for n in init['peaks'])} | "
               f"{', '.join(f'{n / 1e6:.0f}' for n in trained['peaks'])} | {read} |")
+
+
+def print_adapter_state(state: dict[str, list[int]], processes: int) -> None:
+    elements = LAYERS * ADAPTER_RANK * sum(out + inp for out, inp in PROJECTIONS.values())  # of lora_A and lora_B
+    print(f"adapter state at r={ADAPTER_RANK} on all seven projections: {elements:,} factor elements, fp32; A, B, A0, B0, "
+          f"gradients and 2 moments: {20 * elements / 1e6:.0f} MB whole; {processes} processes")
+    print("| mode | adapter state per process (MB) |")
+    print("|---|---|")
+    for mode, sizes in state.items():
+        print(f"| {mode} | {', '.join(f'{n / 1e6:.1f}' for n in sizes)} |")
 
 
 if __name__ == "__main__":

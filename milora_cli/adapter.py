@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from milora_cli import adapter_folder, dtypes, svd
+from milora_cli import adapter_folder, dtensor, dtypes, svd
 from milora_cli.errors import ModelError
 from milora_cli.recipe import Init, SvdDriver, SvdDtype
 
@@ -65,6 +65,39 @@ class InputDropout(nn.Module):
         return f"p={self.p}"
 
 
+class InitialFactors(nn.Module):
+    """The frozen A0 (r, in) and B0 (out, r), and the correction B0 A0 h they compute.
+
+    Parameters that never train (requires_grad=False), not buffers: FSDP shards parameters only, so under
+    fsdp they are a unit of their own (distributed.shard), gathered by calling this module.
+    """
+
+    def __init__(self, r: int, in_features: int, out_features: int, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.A0 = nn.Parameter(torch.zeros(r, in_features, device=device, dtype=dtype), requires_grad=False)
+        self.B0 = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype), requires_grad=False)
+        self._cast = None  # (key, A0, B0) in the autocast dtype: see cast
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        lora_A0, lora_B0 = self.cast(h.device.type)
+        return nn.functional.linear(nn.functional.linear(h, lora_A0), lora_B0)  # (..., r) then (..., out)
+
+    def cast(self, device_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A0, B0 as the matmuls take them: under autocast, copies in its dtype, kept until A0/B0 change.
+
+        Autocast caches its casts only of tensors that require grad, so the frozen A0/B0 would be cast again
+        on every forward (two cast kernels a layer, and the copies kept for backward). The copies round as
+        autocast rounds lora_A/lora_B, so the correction still cancels the trained path exactly at init.
+        """
+        if not torch.is_autocast_enabled(device_type):
+            return self.A0, self.B0
+        dtype = torch.get_autocast_dtype(device_type)
+        key = (dtype, self.A0.device, self.A0.data_ptr(), self.A0._version, self.B0.data_ptr(), self.B0._version)
+        if self._cast is None or self._cast[0] != key:
+            self._cast = (key, self.A0.to(dtype), self.B0.to(dtype))
+        return self._cast[1], self._cast[2]
+
+
 class MiloraLinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update and its frozen initial value."""
 
@@ -85,20 +118,30 @@ class MiloraLinear(nn.Module):
         dtype = dtypes.at_least_fp32(base_layer.weight.dtype)  # a quantized base's uint8 storage: float32
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
-        self.register_buffer("lora_A0", torch.zeros(r, in_features, device=device, dtype=dtype))
-        self.register_buffer("lora_B0", torch.zeros(out_features, r, device=device, dtype=dtype))
+        self.lora_initial = InitialFactors(r, in_features, out_features, device, dtype)
         self.has_correction = False  # False while B0 A0 == 0 (the plain LoRA and MiCA inits)
-        self._cast_initial = None  # (key, A0, B0) in the autocast dtype: see initial_factors_in
+
+    @property
+    def lora_A0(self) -> torch.Tensor:
+        """The frozen initial A0, (r, in) (under fsdp a DTensor: this process's rows)."""
+        return self.lora_initial.A0
+
+    @property
+    def lora_B0(self) -> torch.Tensor:
+        """The frozen initial B0, (out, r) (under fsdp a DTensor: this process's rows)."""
+        return self.lora_initial.B0
 
     def set_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor, initial: bool = True) -> None:
-        """Load factors; `initial` also makes them the frozen B0, A0 the correction subtracts."""
+        """Load whole factors (under fsdp each process keeps its rows); `initial` also makes them the frozen B0, A0
+        the correction subtracts."""
         with torch.no_grad():
-            self.lora_A.weight.copy_(lora_A)
-            self.lora_B.weight.copy_(lora_B)
+            dtensor.copy_whole(self.lora_A.weight, lora_A)
+            dtensor.copy_whole(self.lora_B.weight, lora_B)
             if initial:
-                self.lora_A0.copy_(lora_A)
-                self.lora_B0.copy_(lora_B)
-                self.has_correction = bool(self.lora_B0.any()) and bool(self.lora_A0.any())
+                dtensor.copy_whole(self.lora_A0, lora_A)
+                dtensor.copy_whole(self.lora_B0, lora_B)
+                # from the whole factors, in their stored dtype: every process decides the same
+                self.has_correction = bool(lora_B.to(self.lora_B0.dtype).any()) and bool(lora_A.to(self.lora_A0.dtype).any())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
@@ -108,28 +151,16 @@ class MiloraLinear(nn.Module):
         delta = self.lora_B(self.lora_A(self.lora_dropout(h)))
         if self.has_correction:
             # The same ops on equal values as the trained path, so the difference is exactly 0 at init.
-            lora_A0, lora_B0 = self.initial_factors_in(x.device.type)
-            delta = delta - nn.functional.linear(nn.functional.linear(h, lora_A0), lora_B0)
+            delta = delta - self.lora_initial(h)
         return result + (self.scaling * delta).to(result.dtype)
 
     def initial_factors_in(self, device_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A0, B0 as the matmuls take them: under autocast, copies in its dtype, kept until A0/B0 change.
-
-        Autocast caches its casts only of tensors that require grad, so the frozen A0/B0 would be cast again
-        on every forward (two cast kernels a layer, and the copies kept for backward). The copies round as
-        autocast rounds lora_A/lora_B, so the correction still cancels the trained path exactly at init.
-        """
-        if not torch.is_autocast_enabled(device_type):
-            return self.lora_A0, self.lora_B0
-        dtype = torch.get_autocast_dtype(device_type)
-        key = (dtype, self.lora_A0.device, self.lora_A0.data_ptr(), self.lora_A0._version, self.lora_B0.data_ptr(), self.lora_B0._version)
-        if self._cast_initial is None or self._cast_initial[0] != key:
-            self._cast_initial = (key, self.lora_A0.to(dtype), self.lora_B0.to(dtype))
-        return self._cast_initial[1], self._cast_initial[2]
+        return self.lora_initial.cast(device_type)  # A0, B0 as the correction's matmuls take them
 
     def delta_weight(self) -> torch.Tensor:
-        """The learned update dW = s (B A - B0 A0), float32, (out, in)."""
-        return adapter_folder.delta(self.lora_A.weight, self.lora_B.weight, self.lora_A0, self.lora_B0, self.scaling)
+        """The learned update dW = s (B A - B0 A0), float32, (out, in). Under fsdp a collective (the factors gathered)."""
+        A, B, A0, B0 = (dtensor.whole(t) for t in (self.lora_A.weight, self.lora_B.weight, self.lora_A0, self.lora_B0))
+        return adapter_folder.delta(A, B, A0, B0, self.scaling)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}"
@@ -222,16 +253,20 @@ def initialise(
     set_trainable(adapters, init)
 
 
-def adapter_tensors(adapters: dict[str, MiloraLinear]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def adapter_tensors(adapters: dict[str, MiloraLinear], keep: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(trained, initial) factors keyed `{layer}.lora_A.weight` / `{layer}.lora_B.weight`, CPU, in the factors'
-    dtype (float32; float64 for a float64 base, so that a resume continues from the very values)."""
+    dtype (float32; float64 for a float64 base, so that a resume continues from the very values). Whole tensors:
+    under fsdp a collective that every process calls; a process without `keep` gathers each tensor for the others
+    and drops it, and gets ({}, {}) (so only the process that writes holds the whole adapter on its host)."""
     def cpu(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().to(dtypes.at_least_fp32(tensor.dtype)).cpu().contiguous()
+        return tensor.to(dtypes.at_least_fp32(tensor.dtype)).cpu().contiguous()
 
     trained, initial = {}, {}
     for name, layer in adapters.items():
-        trained |= {adapter_folder.key(name, "A"): cpu(layer.lora_A.weight), adapter_folder.key(name, "B"): cpu(layer.lora_B.weight)}
-        initial |= {adapter_folder.key(name, "A"): cpu(layer.lora_A0), adapter_folder.key(name, "B"): cpu(layer.lora_B0)}
+        for part, factor, start in (("A", layer.lora_A.weight, layer.lora_A0), ("B", layer.lora_B.weight, layer.lora_B0)):
+            factor, start = dtensor.whole(factor.detach()), dtensor.whole(start.detach())  # one tensor at a time on the device
+            if keep:
+                trained[adapter_folder.key(name, part)], initial[adapter_folder.key(name, part)] = cpu(factor), cpu(start)
     return trained, initial
 
 
@@ -255,8 +290,10 @@ def load_adapter_tensors(
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; frozen initial factors are buffers and count in neither."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """(trainable, total) parameter counts; the frozen initial factors A0, B0 count in neither (a copy, not the model)."""
+    initial = {id(p) for module in model.modules() if isinstance(module, InitialFactors) for p in module.parameters()}
+    counted = [p for p in model.parameters() if id(p) not in initial]
+    trainable = sum(p.numel() for p in counted if p.requires_grad)
     # bitsandbytes' 4-bit parameters hold two weights a byte: count weights, not bytes
-    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in model.parameters())
+    total = sum(p.numel() * (2 if type(p).__name__ == "Params4bit" else 1) for p in counted)
     return trainable, total

@@ -126,7 +126,7 @@ def _generation_worker(rank: int, world: int, init_file: str, results) -> None:
         config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
         model = LlamaForCausalLM(config).eval()
-        distributed.shard(model, [], "cpu")
+        distributed.shard(model, "cpu")
         weight = lambda: model.model.layers[0].self_attn.q_proj.weight  # noqa: E731 - the attribute FSDP2 swaps
         prompt = torch.tensor([[1, 2, 3, 4]])
         with torch.no_grad():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from helpers import EXACT_FP64, REPO
 from milora_cli import shards
@@ -199,25 +199,18 @@ def test_a_checkpoint_without_the_models_names_is_one_line_before_any_read(tiny_
         sharded_load.load_shards(model, str(folder))
 
 
-def _average_in_buckets(rank: int, folder: str) -> None:
-    """One of 2 gloo processes: average 3 gradients of rank-dependent values through 2-element buckets."""
-    from milora_cli.training import distributed
-
-    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
-    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((2,), (3,), (1, 1))]
-    for i, param in enumerate(params[:2]):  # the third has no gradient: it still takes part, as zeros
-        param.grad = torch.arange(param.numel(), dtype=torch.float32).view_as(param) + 10 * i + 100 * rank
-    assert [len(bucket) for bucket in distributed._buckets(params, 8)] == [1, 1, 1]  # 8 bytes: 2 floats a bucket
-    distributed.BUCKET_BYTES = 8
-    distributed.average_gradients(params, 2)
-    save_file({str(i): param.grad for i, param in enumerate(params)}, Path(folder) / f"rank{rank}.safetensors")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-
-
-def test_adapter_gradients_are_averaged_bucket_by_bucket(tmp_path):
-    torch.multiprocessing.spawn(_average_in_buckets, args=(str(tmp_path),), nprocs=2)
-    for rank in (0, 1):
-        grads = load_file(tmp_path / f"rank{rank}.safetensors")
-        assert torch.equal(grads["0"], torch.tensor([50.0, 51.0])) and torch.equal(grads["1"], torch.tensor([60.0, 61.0, 62.0]))
-        assert torch.equal(grads["2"], torch.zeros(1, 1))
+def test_sharded_adapter_state_holds_half_the_rows_on_each_process(untied_model_dir, tiny_data, tmp_path):
+    """After a training step under fsdp on 2 processes, every lora_A, lora_B, A0, B0, gradient and AdamW moment is a
+    DTensor of which each process holds at most ceil(rows / 2) rows, every row on exactly one process (the worker of
+    benchmarks/sharded_memory.py --adapter-state)."""
+    raw = tiny_recipe(untied_model_dir, tiny_data, tmp_path / "run", distributed="fsdp", micro_batch_size=2)
+    _launch(2, "benchmarks/sharded_memory.py", "--adapter-worker", str(write_recipe(tmp_path / "r.yaml", raw)), str(tmp_path))
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    tensors = [report["tensors"] for report in reports]
+    assert len(tensors[0]) == 14 * (4 + 2 * 3)  # 14 layers: A, B, A0, B0, and the gradient and 2 moments of A and B
+    for name, mine in tensors[0].items():
+        theirs = tensors[1][name]
+        assert mine["dtensor"] and theirs["dtensor"], f"{name} is whole on every process"
+        assert max(mine["local_rows"], theirs["local_rows"]) <= math.ceil(mine["rows"] / 2), name
+        assert mine["local_rows"] + theirs["local_rows"] == mine["rows"], name
+    assert reports[0]["grad_norm"] == reports[1]["grad_norm"] > 0  # the global norm, the same number on both

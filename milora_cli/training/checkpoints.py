@@ -1,5 +1,6 @@
 """Training checkpoints: an adapter folder (adapter_folder.py) plus the optimizer and RNG state an exact
-resume needs, kept under RUN/checkpoints/step-NNNNNN. Safetensors and JSON only, never pickle.
+resume needs, kept under RUN/checkpoints/step-NNNNNN. Safetensors and JSON only, never pickle. Whole
+tensors whatever the process count: under fsdp gathered to write, and each process keeps its rows on read.
 
     optimizer.safetensors   optimizer tensors as state.{param index}.{name}, RNG states as rng.{name}
     trainer_state.json      step, best validation loss, the optimizer's param_groups
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from milora_cli import adapter_folder, atomic
+from milora_cli import adapter_folder, atomic, dtensor
 from milora_cli.errors import AdapterError
 from milora_cli.training import distributed
 
@@ -23,9 +24,21 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "trainer_state.json"
 
 
-def write_training_state(folder: Path, optimizer: torch.optim.Optimizer, state: dict[str, Any], rng: dict[str, torch.Tensor]) -> None:
-    """Optimizer tensors and RNG states as safetensors, the rest as JSON (no pickle anywhere)."""
+def whole_optimizer_state(optimizer: torch.optim.Optimizer, keep: bool = True) -> dict[str, Any]:
+    """optimizer.state_dict() with whole tensors. Under fsdp AdamW's moments are sharded as their parameters are:
+    each is gathered (a collective: every process calls this at the same point) and moved to the host one at a
+    time; a process without `keep` drops them and gets the state without its tensors."""
     opt = optimizer.state_dict()
+    state = {}
+    for index, entry in sorted(opt["state"].items()):
+        gathered = {name: dtensor.whole(value).cpu() if dtensor.is_sharded(value) else value for name, value in entry.items()}
+        if keep:
+            state[index] = gathered
+    return opt | {"state": state}
+
+
+def write_training_state(folder: Path, opt: dict[str, Any], state: dict[str, Any], rng: dict[str, torch.Tensor]) -> None:
+    """Optimizer tensors (`opt`: whole_optimizer_state) and RNG states as safetensors, the rest as JSON (no pickle anywhere)."""
     tensors = {f"state.{index}.{key}": value.detach().cpu().contiguous() for index, entry in opt["state"].items() for key, value in entry.items()}
     tensors.update({f"rng.{key}": value for key, value in rng.items()})
     data = save(tensors)
@@ -50,6 +63,11 @@ def read_training_state(folder: Path, optimizer: torch.optim.Optimizer) -> tuple
         if not key.startswith("rng."):
             index, _, name = key.partition(".")[2].partition(".")  # state.{index}.{name}
             per_param.setdefault(int(index), {})[name] = value
+    params = [param for group in optimizer.param_groups for param in group["params"]]  # the state dict's indices
+    for index, entry in per_param.items():  # a sharded parameter's moments: this process's rows of the whole ones
+        if index < len(params):
+            per_param[index] = {name: dtensor.local_like(value, params[index]) if value.shape == params[index].shape else value
+                                for name, value in entry.items()}
     try:
         optimizer.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
     except (ValueError, KeyError, TypeError) as error:

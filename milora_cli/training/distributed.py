@@ -1,23 +1,21 @@
 """What training changes with the number of processes: the accumulation of a global batch, one RNG stream
-per rank (saved and restored per rank), and FSDP2 sharding of the base weights (ranks.py shares out the
+per rank (saved and restored per rank), and FSDP2 sharding of the model (ranks.py shares out the
 scoring).
 
-Under `train.distributed: fsdp` only the frozen base weights are sharded (torch.distributed.fsdp.
-fully_shard: the embeddings, each decoder layer, the head, then the root, as torchtitan does; on the meta
-device, before loading: sharded_load.py). The adapter factors lora_A, lora_B (0.6 % of Llama-3-70B's
-parameters at r=32 on all seven projections, 2.35 % at r=128) stay whole on
-every rank, outside FSDP, in float32, and their gradients are averaged in float32 by all-reduces of 25 MB
-buckets: so clipping sees whole gradients, the saver and the optimizer state see whole tensors, and a bf16
-base never shares an FSDP unit with fp32 trainable factors. A0, B0 are buffers: whole, float32.
+Under `train.distributed: fsdp` the whole model is sharded, on the meta device, before loading
+(sharded_load.py): the embedding and the head by vocabulary rows (vocab_parallel.py), the rest by
+torch.distributed.fsdp.fully_shard (each adapter's factors, each linear layer, each decoder layer, the
+root, as torchtitan and torchtune do). The adapter state divides by the
+process count too: lora_A, lora_B (float32), their gradients (reduce-scattered in float32), AdamW's two
+moments and the frozen A0, B0 are each held as this process's rows. The adapter folder, the checkpoints
+and a resume see whole tensors (dtensor.py gathers and slices them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-from milora_cli import dtypes
+from milora_cli import adapter
 from milora_cli.errors import RecipeError
 from milora_cli.ranks import Ranks
 from milora_cli.recipe import TrainConfig
@@ -43,10 +41,10 @@ def accumulation_steps(cfg: TrainConfig, world: int) -> int:
     return cfg.global_batch_size // per_pass
 
 
-def shard(model: torch.nn.Module, adapter_params: list[torch.nn.Parameter], device_type: str) -> str:
-    """Spread the frozen base over the processes: the input embedding and the head by vocabulary rows
-    (vocab_parallel.py); as FSDP2 units, each linear layer of the decoder layers, then each decoder layer (its
-    norms), then the root; the adapters left whole. Returns a line saying how much of the model this rank holds.
+def shard(model: torch.nn.Module, device_type: str) -> str:
+    """Spread the model over the processes: the input embedding and the head by vocabulary rows
+    (vocab_parallel.py); as FSDP2 units, the adapters' factors, each linear layer of the decoder layers, then
+    each decoder layer (its norms), then the root. Returns a line saying how much of the model this rank holds.
 
     A unit's weights are gathered whole while it runs, and FSDP2 holds about 2.5 copies of it then (the gathered
     buffer, the parameters copied out of it, its shard): a unit per linear layer keeps that working set to the
@@ -61,15 +59,15 @@ def shard(model: torch.nn.Module, adapter_params: list[torch.nn.Parameter], devi
 
     mesh = init_device_mesh(device_type, (torch.distributed.get_world_size(),))
     split = vocab_parallel.split(model, mesh)
-    ignored = set(adapter_params) | split
-    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # no sharded parameter trains; fp32 if one ever does
+    _shard_adapters(model, mesh)  # innermost first: a unit takes the parameters no inner unit holds
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # no base parameter trains; fp32 if one ever does
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     untied = not split and head is not None and head.weight is not embeddings.weight
     layers = list(model.get_decoder().layers)
-    linears = [module for layer in layers for module in layer.modules() if type(module) is torch.nn.Linear and not module.weight.requires_grad]
+    linears = [module for layer in layers for module in layer.modules() if type(module) is torch.nn.Linear]  # the factors' are FSDPLinear now
     for unit in linears + [embeddings] * untied + layers + [head] * untied:
-        fully_shard(unit, mesh=mesh, mp_policy=policy, ignored_params=ignored)
-    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored)
+        fully_shard(unit, mesh=mesh, mp_policy=policy, ignored_params=split)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=split)
     # What transformers' own FSDP2 helper marks: generate() then keeps every rank stepping until all are
     # done (synced_gpus), since each forward all-gathers the layers' weights on all ranks.
     model._is_fsdp_managed_module = True
@@ -78,35 +76,21 @@ def shard(model: torch.nn.Module, adapter_params: list[torch.nn.Parameter], devi
     return f"fsdp: {held:,} of {total:,} parameters on each of {torch.distributed.get_world_size()} processes"
 
 
-BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb: one all-reduce's flat buffer, not one as large as all the adapters
+def _shard_adapters(model: torch.nn.Module, mesh) -> None:
+    """Each adapter's lora_A, lora_B and frozen A0/B0 (adapter.InitialFactors) an FSDP2 unit of its own.
 
+    As torchtune's recipes/lora_finetune_distributed.py does (_setup_model at commit 00360f7: it fully_shards
+    every nn.Linear whose weight requires grad, innermost first, before the decoder layers): the fp32 factors
+    never share a unit with a bf16 base (FSDP2 refuses mixed dtypes in a unit), and their gradients are
+    reduce-scattered, in the factors' own dtype (float32; float64 for the exactness tests' float64 runs),
+    into sharded gradients that AdamW steps with sharded moments.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-def average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Mean over the processes of the whole adapters' gradients, in float32, one all-reduce per bucket of at
-    most BUCKET_BYTES (what DDP does for them under ddp; the same elementwise sums, so the same result)."""
-    for param in params:
-        if param.grad is None:  # a factor the batch did not reach still takes part in the collective
-            param.grad = torch.zeros_like(param)
-    for bucket in _buckets(params, BUCKET_BYTES):
-        flat = torch.cat([param.grad.reshape(-1).to(dtypes.at_least_fp32(param.grad.dtype)) for param in bucket])  # (sum of the bucket's numels,)
-        torch.distributed.all_reduce(flat)
-        flat /= world
-        for param, grad in zip(bucket, flat.split([param.numel() for param in bucket]), strict=True):
-            param.grad.copy_(grad.view_as(param.grad))
-
-
-def _buckets(params: list[torch.nn.Parameter], cap: int) -> Iterator[list[torch.nn.Parameter]]:
-    """Consecutive parameters in groups of at most `cap` bytes of float32 (float64: half as many parameters) (a larger parameter alone)."""
-    bucket: list[torch.nn.Parameter] = []
-    size = 0
-    for param in params:
-        if bucket and size + 4 * param.numel() > cap:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(param)
-        size += 4 * param.numel()
-    if bucket:
-        yield bucket
+    for layer in [module for module in model.modules() if isinstance(module, adapter.MiloraLinear)]:
+        policy = MixedPrecisionPolicy(reduce_dtype=layer.lora_A.weight.dtype)
+        for unit in (layer.lora_A, layer.lora_B, layer.lora_initial):
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
 
 
 def any_process(flag: bool, group=None) -> bool:

@@ -144,7 +144,8 @@ def initialise(adapters: dict[str, adapter.MiloraLinear], cfg: AdapterConfig, *,
         if name in owned:
             lora_A, lora_B = (f.to(device, layer.lora_A0.dtype).contiguous() for f in owned[name])  # a broadcast needs one dtype
         else:
-            lora_A, lora_B = torch.empty_like(layer.lora_A0), torch.empty_like(layer.lora_B0)
+            # whole tensors to receive into, even where A0/B0 are sharded DTensors (their shape is the whole one)
+            lora_A, lora_B = (torch.empty(f.shape, dtype=f.dtype, device=device) for f in (layer.lora_A0, layer.lora_B0))
         if world > 1:
             torch.distributed.broadcast(lora_A, src=i % world)
             torch.distributed.broadcast(lora_B, src=i % world)

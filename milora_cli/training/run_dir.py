@@ -115,16 +115,18 @@ class Saver:
     def save(self, kind: str, step: int, val_loss: float | None = None, optimizer=None, best: float | None = None) -> None:
         # every process's RNG, gathered by all of them before the main process writes alone
         rng = distributed.gathered_rng(Ranks.of(self.accelerator)) if kind == "periodic" else {}
+        # whole tensors, gathered by every process under fsdp (collectives), before the main process writes alone
+        trained, initial = adapter.adapter_tensors(self.adapters, keep=self.run.main)
+        opt = checkpoints.whole_optimizer_state(optimizer, keep=self.run.main) if kind == "periodic" else None
         self.accelerator.wait_for_everyone()
         if not self.run.main:
             return
-        trained, initial = adapter.adapter_tensors(self.adapters)
         root = self.run.path
         final = {"best": root / "best", "final": root / "adapter"}.get(kind, root / "checkpoints" / f"step-{step:06d}")
         with atomic.atomic_folder(final) as folder:
             adapter_folder.write_adapter(folder, trained, initial, {**self.meta, "step": step, "val_loss": val_loss}, self.run.recipe_yaml)
             if kind == "periodic":
-                checkpoints.write_training_state(folder, optimizer, {"step": step, "best_val_loss": best}, rng)
+                checkpoints.write_training_state(folder, opt, {"step": step, "best_val_loss": best}, rng)
         if kind == "periodic":
             checkpoints.prune(root, self.keep)
 

@@ -3,15 +3,16 @@
 1. The model is built from its config with its parameters on the meta device (accelerate's
    init_empty_weights: no storage; buffers such as the rotary inv_freq are computed for real, from the
    config, as from_pretrained computes them), and the adapters are injected.
-2. The base is sharded (distributed.shard: the embedding and head split by vocabulary rows, an FSDP2 unit per
-   decoder layer), still on meta.
+2. The model is sharded (distributed.shard: the embedding and head split by vocabulary rows, FSDP2 units per
+   adapter factor, linear layer and decoder layer), still on meta.
 3. Each process allocates only its own shards (to_empty) and reads only its own slice of every base
    weight from the safetensors files: torch.distributed.checkpoint's load with its HuggingFaceStorageReader,
    which plans each process's slices from the DTensors' placements and reads each one with safetensors'
    get_slice. (set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True), the other documented
    route, has rank 0 read and hold every full tensor; torchtune's distribute_tensor from memory-mapped full
    tensors has every process map every tensor.)
-4. Nothing is left on meta (checked): the adapter factors are set after, by init_cache from the checkpoint.
+4. Nothing is left on meta (checked): the adapter factors (sharded as well) are set after, by init_cache from
+   the checkpoint.
 
 A tied output embedding is the same Parameter as the input one (transformers ties them as it builds the
 model), sharded and loaded once.
@@ -41,8 +42,8 @@ def sharded_model(path: str, model_cfg: ModelConfig, adapter_cfg: AdapterConfig,
     model = empty_model(path, model_cfg.dtype, trust_remote_code, model_cfg.attn_implementation)
     names = adapter.find_targets(model, adapter_cfg.target_modules)
     adapters = adapter.inject(model, names, adapter_cfg.r, adapter_cfg.alpha, adapter_cfg.dropout)
-    adapter.set_trainable(adapters, adapter_cfg.init)  # before sharding: what trains stays outside FSDP's units
-    line = distributed.shard(model, [param for param in model.parameters() if param.requires_grad], torch.device(device).type)
+    adapter.set_trainable(adapters, adapter_cfg.init)
+    line = distributed.shard(model, torch.device(device).type)
     materialise(model, device)
     bytes_read = load_shards(model, path)
     if model_cfg.dtype == "fp64":
@@ -86,7 +87,7 @@ def checkpoint_name(parameter: str) -> str:
 def load_shards(model: torch.nn.Module, path: str) -> int:
     """Read this process's slice of every base parameter from the safetensors files of `path`; the bytes read.
 
-    A collective: every process calls it. The adapter factors (not sharded) are left to init_cache.
+    A collective: every process calls it. The adapter factors (sharded too) are left to init_cache.
     """
     reader = _CountingReader(path)
     state = {checkpoint_name(name): param for name, param in model.named_parameters() if not _is_factor(name)}
@@ -114,7 +115,8 @@ def _check_names_and_shapes(state: dict[str, torch.Tensor], path: str) -> None:
 
 
 def _is_factor(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
+    """lora_A, lora_B and the initial factors (lora_initial.A0, .B0): not in the base's checkpoint."""
+    return any(f".{part}." in name for part in ("lora_A", "lora_B", "lora_initial"))
 
 
 class _CountingReader(HuggingFaceStorageReader):

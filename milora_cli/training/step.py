@@ -101,14 +101,16 @@ class BatchStream:
 
 
 def optimizer_step(loss_module, micro: list[tokens.Batch], accelerator: Accelerator, params, max_grad_norm: float | None,
-                   n_targets: int, reduce_gradients=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Forward/backward over this process's micro-batches of one step, `reduce_gradients()` if given (FSDP:
-    the whole adapters' all-reduce), then clip; returns (summed token loss of this process, on the device;
-    gradient norm or None).
+                   n_targets: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward/backward over this process's micro-batches of one step, then clip; returns (summed token loss of
+    this process, on the device; gradient norm or None).
 
     The loss is normalised by `n_targets`, the label tokens of the whole global batch (counted on the CPU,
     so no process waits for another here): accumulation and the number of processes do not change the
-    gradient (DDP averages gradients over processes).
+    gradient (DDP averages gradients over processes once, after the last micro-batch; under fsdp each
+    micro-batch's backward reduce-scatters its mean over the processes into the sharded gradients, so no
+    process holds a whole gradient). The norm is the global one over every shard (accelerate gathers the
+    DTensor gradients' partial norms), the same number on every process.
     """
     step_loss = torch.zeros((), device=accelerator.device)
     for j, batch in enumerate(micro):
@@ -117,8 +119,6 @@ def optimizer_step(loss_module, micro: list[tokens.Batch], accelerator: Accelera
             loss_sum = loss_module(**loss_inputs(batch))
             accelerator.backward(loss_sum * accelerator.num_processes / n_targets)
         step_loss = step_loss + loss_sum.detach()  # float64 for a float64 model (not truncated in place)
-    if reduce_gradients is not None:
-        reduce_gradients()
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm) if max_grad_norm else None
     return step_loss, grad_norm
 

@@ -55,7 +55,6 @@ class Loop:
     saver: run_dir.Saver
     benchmarks: TrainingBenchmarks
     log: MetricsLog | None
-    reduce_gradients: Any = None  # FSDP: the whole adapters' gradient all-reduce
     step: int = 0
     best: float = math.inf
 
@@ -141,13 +140,12 @@ def _prepare(recipe: Recipe, setup: Setup, accelerator: Accelerator, saver: run_
                          rank=accelerator.process_index, world=accelerator.num_processes)
     max_steps = total_steps(recipe, len(setup.train_set.examples), stream.global_batch)
     benchmarks = TrainingBenchmarks(recipe.eval, setup.model, setup.tokenizer, saver.run.path, console, Ranks.of(accelerator))
-    if sharded:  # no DDP around it: the adapters' gradients are averaged by distributed.average_gradients
+    if sharded:  # no DDP around it: FSDP reduce-scatters the sharded factors' gradients
         loss_module, optimizer = CausalLMLoss(setup.model, sharded=True), accelerator.prepare(optimizer)
     else:
         loss_module, optimizer = accelerator.prepare(CausalLMLoss(setup.model), optimizer)
-    reduce = (lambda: distributed.average_gradients(params, accelerator.num_processes)) if sharded else None
     return Loop(recipe=recipe, setup=setup, accelerator=accelerator, loss_module=loss_module, optimizer=optimizer, params=params,
-                stream=stream, max_steps=max_steps, saver=saver, benchmarks=benchmarks, log=None, reduce_gradients=reduce)
+                stream=stream, max_steps=max_steps, saver=saver, benchmarks=benchmarks, log=None)
 
 
 def collator(recipe: Recipe, model: torch.nn.Module, pad_token_id: int) -> tokens.Collator:
@@ -172,8 +170,7 @@ def _run_loop(loop: Loop, console: Console) -> None:
             lr = learning_rate(loop.step, cfg, loop.max_steps)
             for group in loop.optimizer.param_groups:
                 group["lr"] = lr
-            step_loss, grad_norm = optimizer_step(loop.loss_module, micro, accelerator, loop.params, cfg.max_grad_norm, n_targets,
-                                                  loop.reduce_gradients)
+            step_loss, grad_norm = optimizer_step(loop.loss_module, micro, accelerator, loop.params, cfg.max_grad_norm, n_targets)
             loop.optimizer.step()
             loop.optimizer.zero_grad(set_to_none=True)
             loop.step += 1
