@@ -90,7 +90,9 @@ def test_an_id_neither_cached_nor_reachable_is_one_line_within_seconds(endpoint,
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, (args, result.stderr)
         assert named in lines[0] and "not in the local Hugging Face cache" in lines[0] and "hf download" in lines[0]
-        assert seconds < 10, (args, seconds)
+        # what this tells apart: an answer (a few seconds of imports, ~15 s on a loaded 2-core machine) from a
+        # wait on the network (huggingface_hub's 10 s timeout a try, with retries and back-off: a minute or more)
+        assert seconds < 60, (args, seconds)
 
 
 def test_tasks_without_a_public_hub_dataset_ask_for_data_dir():
