@@ -7,6 +7,8 @@ An adapter folder holds everything needed to rebuild the adapted model without t
     adapter_meta.json           init, r, lora_alpha, target layers, base model and its fingerprint, versions,
                                 and the sha256 of each tensor file, checked on every read
     recipe.yaml                 the resolved recipe of the run
+    chat_template.jinja         the run's data.chat_template, when it named one (the base's own applies otherwise):
+                                eval --prompt chat renders with it, merge copies it into what it writes
 
 The learned update of a layer, and its stacked rank-2r form (merge, PEFT export):
 
@@ -37,6 +39,10 @@ ADAPTER_FILE = "adapter_model.safetensors"
 INIT_FILE = "adapter_init.safetensors"
 META_FILE = "adapter_meta.json"
 RECIPE_FILE = "recipe.yaml"
+# transformers' own name for a tokenizer's template file (transformers/utils/hub.py CHAT_TEMPLATE_FILE); its
+# tokenizer_config.json loader reads it in preference to a "chat_template" entry (tokenization_utils_base.py,
+# from_pretrained: "independent chat template file(s) ... take priority"), so a merged folder holding it loads it.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 FORMAT = "milora-adapter/1"
 _META_KEYS = ("init", "r", "lora_alpha", "scaling", "target_modules", "base_model", "base_model_path", "base_dtype", "base_fingerprint")
 
@@ -64,6 +70,7 @@ class Adapter:
     trained: dict[str, torch.Tensor]
     initial: dict[str, torch.Tensor]
     meta: dict[str, Any]
+    chat_template: str | None = None  # the run's data.chat_template; None: the base's own template applies
 
     @property
     def layers(self) -> list[str]:
@@ -97,14 +104,21 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def write_adapter(folder: Path, trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], meta: dict[str, Any], recipe_yaml: str) -> None:
-    """Write the adapter files into an (already temporary) folder, with the checksum of each tensor file."""
+def write_adapter(folder: Path, trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], meta: dict[str, Any], recipe_yaml: str,
+                  chat_template: str | None = None) -> None:
+    """Write the adapter files into an (already temporary) folder, with the checksum of each tensor file; with
+    `chat_template` (the run's data.chat_template), its text as chat_template.jinja, named in the metadata."""
     checksums = {}
     for name, tensors in ((ADAPTER_FILE, trained), (INIT_FILE, initial)):
         data = save(tensors, metadata={"format": FORMAT})
         (folder / name).write_bytes(data)
         checksums[name] = sha256(data)
-    (folder / META_FILE).write_text(json.dumps({"format": FORMAT, **meta, "checksums": checksums}, indent=2))
+    if chat_template is not None:
+        data = chat_template.encode("utf-8")
+        (folder / CHAT_TEMPLATE_FILE).write_bytes(data)
+        checksums[CHAT_TEMPLATE_FILE] = sha256(data)
+    template = {"chat_template": CHAT_TEMPLATE_FILE if chat_template is not None else None}
+    (folder / META_FILE).write_text(json.dumps({"format": FORMAT, **meta, **template, "checksums": checksums}, indent=2))
     (folder / RECIPE_FILE).write_text(recipe_yaml)
 
 
@@ -190,9 +204,28 @@ def read_adapter(folder: Path) -> Adapter:
     checksums = meta.get("checksums") or {}
     trained = read_tensors(folder / ADAPTER_FILE, checksums.get(ADAPTER_FILE))
     initial = read_tensors(folder / INIT_FILE, checksums.get(INIT_FILE))
-    found = Adapter(folder, trained, initial, meta)
+    found = Adapter(folder, trained, initial, meta, _read_template(folder, meta, checksums.get(CHAT_TEMPLATE_FILE)))
     _check(found)
     return found
+
+
+def _read_template(folder: Path, meta: dict[str, Any], checksum: str | None) -> str | None:
+    """The chat template the adapter's metadata names (always chat_template.jinja), checked; None when it names none."""
+    if meta.get("chat_template") is None:  # adapters written before templates were kept name none
+        return None
+    if meta["chat_template"] != CHAT_TEMPLATE_FILE:
+        raise AdapterError(f"{folder / META_FILE} is damaged: chat_template is {meta['chat_template']!r}, not {CHAT_TEMPLATE_FILE!r}")
+    path = folder / CHAT_TEMPLATE_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AdapterError(f"{path} is missing; {META_FILE} says the run trained with it") from None
+    if checksum is not None and sha256(data) != checksum:
+        raise AdapterError(f"{path} is damaged: its bytes differ from those written (sha256 mismatch)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AdapterError(f"{path} is damaged: not UTF-8 text") from None
 
 
 def _check(found: Adapter) -> None:

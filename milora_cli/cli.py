@@ -229,7 +229,8 @@ def eval_(
     prompt: Annotated[
         PromptChoice,
         typer.Option(help="alpaca: the paper's prompt, as milora trains instructions; chat: the question as one user turn "
-                          "through the model's chat template (for chat models, or runs tuned on conversations)."),
+                          "through the model's chat template (for chat models, or runs tuned on conversations; a run that "
+                          "trained with data.chat_template uses that template)."),
     ] = PromptChoice.alpaca,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Tokens generated per example. Default: 32 commonsense, 512 GSM8K/MATH.", show_default=False)

@@ -92,6 +92,7 @@ def _merge(adapter_path: Path, output: Path, *, base: str | None, fmt: MergeForm
         else:
             n_shards, provenance["dtype"] = write_merged(tmp, base_folder, tensors, found, dtype, limit)
             what = f"{name} with the adapter merged ({n_shards} shard{'s' * (n_shards > 1)}, {provenance['dtype']})"
+        provenance["chat_template"] = _write_template(tmp, found)
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
         (tmp / "README.md").write_text(_readme(provenance))
     console.print(f"{what} written to [bold]{output}[/]")
@@ -107,6 +108,16 @@ def _note_quantized(meta: dict[str, Any], name: str, console: Console) -> str:
         console.print(f"the run trained on a {quantized} base; its update dW = s (B A - B0 A0) does not depend on the "
                       f"quantization and goes onto the original full-precision weights of {name}")
     return quantized
+
+
+def _write_template(folder: Path, found: adapter_folder.Adapter) -> str | None:
+    """The run's own chat template (its data.chat_template) as chat_template.jinja: in a merged folder it replaces the
+    base's (AutoTokenizer reads that file before tokenizer_config.json); beside a PEFT export it is the file to pass to
+    vLLM's --chat-template. Returns its name, or None for a run that kept the base's template."""
+    if found.chat_template is None:
+        return None
+    (folder / adapter_folder.CHAT_TEMPLATE_FILE).write_text(found.chat_template, encoding="utf-8")
+    return adapter_folder.CHAT_TEMPLATE_FILE
 
 
 def parse_size(text: str) -> int:
@@ -258,9 +269,11 @@ def _readme(provenance: dict[str, Any]) -> str:
         rank, allowed = provenance["peft_r"], serving.vllm_max_lora_rank(provenance["peft_r"])
         lines += ["", f"Rank {rank}. " + (
             f"Serve it with vLLM: `vllm serve {provenance['base_model']} --enable-lora --lora-modules NAME=THIS_FOLDER "
-            f"--max-lora-rank {allowed}`." if allowed else
+            f"--max-lora-rank {allowed}{serving.template_flag(provenance, 'THIS_FOLDER')}`." if allowed else
             f"vLLM serves ranks up to {serving.VLLM_MAX_LORA_RANKS[-1]}: export again with `milora merge --format peft --rank K`."
         )]
+    if provenance["chat_template"]:
+        lines += ["", f"{provenance['chat_template']} is the chat template the run trained with (its data.chat_template), not the base's."]
     if provenance["derived_from"]:
         source = provenance["derived_from"]
         lines += ["", f"The base derives from {source['gguf_file']}: {source['note']}."]

@@ -79,9 +79,16 @@ def describe(export: dict[str, Any], output: str) -> list[str]:
     else:
         lines.append(
             f"rank {rank}: serve with vLLM as `vllm serve {export['base_model']} --enable-lora --lora-modules NAME={output} "
-            f"--max-lora-rank {allowed}`"
+            f"--max-lora-rank {allowed}{template_flag(export, output)}`"
         )
     return lines
+
+
+def template_flag(export: dict[str, Any], output: str) -> str:
+    """vLLM's --chat-template (a file path) for an export that carries the run's own template; "" otherwise. The
+    export's milora_export.json of an older milora has no such key."""
+    template = export.get("chat_template")
+    return f" --chat-template {output}/{template}" if template else ""
 
 
 def _percent(error: float) -> str:

@@ -83,7 +83,11 @@ def _load_run(folder: Path, dtype: str | None, device: str, console: Console, qu
         console.print(f"[yellow]warning:[/] the weights of {base} differ from those the adapter was trained on")
     adapter.load_adapter_tensors(adapters, found.trained, found.initial)
     identity = f"{folder.resolve()} ({meta['init']} r={meta['r']}, step {meta.get('step')}) on {base} [{_storage(compute, quantized)}]"
-    return model.eval(), models.load_tokenizer(str(base_folder), trust=trust), identity
+    tokenizer = models.load_tokenizer(str(base_folder), trust=trust)
+    if found.chat_template is not None:  # the template the adapter trained with, not the base's (--prompt chat)
+        tokenizer.chat_template = found.chat_template
+        console.print(f"chat template: the run's own, {folder / adapter_folder.CHAT_TEMPLATE_FILE} (not the base's)")
+    return model.eval(), tokenizer, identity
 
 
 def _load_base(path: str, dtype: str, device: str, quantized: Quantize, trust: models.Trust):

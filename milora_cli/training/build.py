@@ -36,6 +36,7 @@ class Setup:
     model_path: str
     sharded: str | None = None  # under fsdp with N > 1 processes: the line saying what each process holds
     bytes_read: int = 0  # of the checkpoint by this process, when sharded
+    chat_template: str | None = None  # data.chat_template's text: written into every adapter folder of the run
 
 
 def is_sharded(recipe: Recipe, world: int) -> bool:
@@ -74,7 +75,7 @@ def build(recipe: Recipe, device: torch.device | str, world: int = 1, trust: mod
     if not train_set.examples:
         raise RecipeError("no training example has a response token left after truncation; raise data.max_length")
     return Setup(model=model, tokenizer=tokenizer, adapters=adapters, train_set=train_set, val_set=val_set, val_examples=val_examples,
-                 model_path=path, sharded=sharded, bytes_read=bytes_read)
+                 model_path=path, sharded=sharded, bytes_read=bytes_read, chat_template=template)
 
 
 def describe(recipe: Recipe, console: Console, trust: models.Trust = models.UNTRUSTED) -> None:

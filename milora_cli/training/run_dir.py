@@ -107,10 +107,13 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 class Saver:
-    """Writes adapter folders (final, best, periodic with training state) on the main process only."""
+    """Writes adapter folders (final, best, periodic with training state) on the main process only; each carries
+    the run's data.chat_template (`chat_template`), if any, so that eval and merge use what the adapter learned."""
 
-    def __init__(self, run: RunDir, adapters: dict[str, adapter.MiloraLinear], meta: dict, accelerator: Accelerator, keep: int):
+    def __init__(self, run: RunDir, adapters: dict[str, adapter.MiloraLinear], meta: dict, accelerator: Accelerator, keep: int,
+                 chat_template: str | None = None):
         self.run, self.adapters, self.meta, self.accelerator, self.keep = run, adapters, meta, accelerator, keep
+        self.chat_template = chat_template
 
     def save(self, kind: str, step: int, val_loss: float | None = None, optimizer=None, best: float | None = None) -> None:
         # every process's RNG, gathered by all of them before the main process writes alone
@@ -124,7 +127,8 @@ class Saver:
         root = self.run.path
         final = {"best": root / "best", "final": root / "adapter"}.get(kind, root / "checkpoints" / f"step-{step:06d}")
         with atomic.atomic_folder(final) as folder:
-            adapter_folder.write_adapter(folder, trained, initial, {**self.meta, "step": step, "val_loss": val_loss}, self.run.recipe_yaml)
+            adapter_folder.write_adapter(folder, trained, initial, {**self.meta, "step": step, "val_loss": val_loss}, self.run.recipe_yaml,
+                                         self.chat_template)
             if kind == "periodic":
                 checkpoints.write_training_state(folder, opt, {"step": step, "best_val_loss": best}, rng)
         if kind == "periodic":

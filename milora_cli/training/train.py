@@ -93,7 +93,8 @@ def _train(recipe: Recipe, accelerator: Accelerator, ranks: Ranks, console: Cons
     distributed.seed_rank(recipe.train.seed, ranks)  # after the shared init: dropout differs across ranks
     scorer = HeldoutScorer(recipe, setup.model, setup.tokenizer, setup.val_examples, run, console, ranks)
     # 3. optimizer, batches, steps; resume or score the untrained model
-    saver = run_dir.Saver(run, setup.adapters, {**meta, "versions": versions()}, accelerator, recipe.train.keep_checkpoints)
+    saver = run_dir.Saver(run, setup.adapters, {**meta, "versions": versions()}, accelerator, recipe.train.keep_checkpoints,
+                          setup.chat_template)
     loop = _prepare(recipe, setup, accelerator, saver, console, accumulation)
     if isinstance(resume_from, list):
         loop.step, loop.best = run_dir.resume(resume_from, setup.adapters, loop.optimizer.optimizer, ranks, console)
