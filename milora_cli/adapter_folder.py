@@ -124,12 +124,7 @@ def write_adapter(folder: Path, trained: dict[str, torch.Tensor], initial: dict[
 
 def read_tensors(path: Path, checksum: str | None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, refused if its bytes differ from the checksum written with it."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise AdapterError(f"{path} is missing") from None
-    if checksum is not None and sha256(data) != checksum:
-        raise AdapterError(f"{path} is damaged: its bytes differ from those written (sha256 mismatch)")
+    data = _read_checked(path, checksum)
     try:
         return load(data)
     except (SafetensorError, ValueError, RuntimeError) as error:
@@ -209,6 +204,17 @@ def read_adapter(folder: Path) -> Adapter:
     return found
 
 
+def _read_checked(path: Path, checksum: str | None, missing: str = "") -> bytes:
+    """The bytes of `path`, refused (AdapterError) if it is missing (`missing` says more) or differs from its checksum."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AdapterError(f"{path} is missing{missing}") from None
+    if checksum is not None and sha256(data) != checksum:
+        raise AdapterError(f"{path} is damaged: its bytes differ from those written (sha256 mismatch)")
+    return data
+
+
 def _read_template(folder: Path, meta: dict[str, Any], checksum: str | None) -> str | None:
     """The chat template the adapter's metadata names (always chat_template.jinja), checked; None when it names none."""
     if meta.get("chat_template") is None:  # adapters written before templates were kept name none
@@ -216,12 +222,7 @@ def _read_template(folder: Path, meta: dict[str, Any], checksum: str | None) -> 
     if meta["chat_template"] != CHAT_TEMPLATE_FILE:
         raise AdapterError(f"{folder / META_FILE} is damaged: chat_template is {meta['chat_template']!r}, not {CHAT_TEMPLATE_FILE!r}")
     path = folder / CHAT_TEMPLATE_FILE
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise AdapterError(f"{path} is missing; {META_FILE} says the run trained with it") from None
-    if checksum is not None and sha256(data) != checksum:
-        raise AdapterError(f"{path} is damaged: its bytes differ from those written (sha256 mismatch)")
+    data = _read_checked(path, checksum, f"; {META_FILE} says the run trained with it")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

@@ -54,24 +54,29 @@ def _row_shard(weight: torch.Tensor, mesh) -> nn.Parameter:
     return nn.Parameter(tensor, requires_grad=False)
 
 
-def _rows(weight: nn.Parameter) -> tuple[int, torch.Tensor]:
-    """(first row, the local rows) of a row-sharded weight."""
-    local = weight.to_local()
-    chunk = -(-weight.shape[0] // weight.device_mesh.size())
-    return weight.device_mesh.get_local_rank() * chunk, local
-
-
-class VocabParallelEmbedding(nn.Module):
-    """nn.Embedding's lookup with the rows spread over the processes (step 1 above)."""
+class _SplitRows(nn.Module):
+    """Holds this process's rows of a (V, H) weight split over the processes of `mesh` (a DTensor, Shard(0))."""
 
     def __init__(self, weight: nn.Parameter, mesh):
         super().__init__()
         self.weight = weight
-        self.num_embeddings, self.embedding_dim = weight.shape
         self.group = mesh.get_group()
 
+    def rows(self) -> tuple[int, torch.Tensor]:
+        """(the first row this process holds, its rows)."""
+        chunk = -(-self.weight.shape[0] // self.weight.device_mesh.size())
+        return self.weight.device_mesh.get_local_rank() * chunk, self.weight.to_local()
+
+
+class VocabParallelEmbedding(_SplitRows):
+    """nn.Embedding's lookup with the rows spread over the processes (step 1 above)."""
+
+    def __init__(self, weight: nn.Parameter, mesh):
+        super().__init__(weight, mesh)
+        self.num_embeddings, self.embedding_dim = weight.shape
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        start, local = _rows(self.weight)
+        start, local = self.rows()
         gathered, counts = _gather_padded(ids.reshape(-1), self.group)  # (N * longest,)
         shifted = gathered - start
         inside = (shifted >= 0) & (shifted < local.shape[0])
@@ -82,17 +87,15 @@ class VocabParallelEmbedding(nn.Module):
         return mine[: ids.numel()].view(*ids.shape, -1)  # (..., H)
 
 
-class VocabParallelHead(nn.Module):
+class VocabParallelHead(_SplitRows):
     """A bias-free nn.Linear to the vocabulary with its rows spread over the processes (step 2 above)."""
 
     def __init__(self, weight: nn.Parameter, mesh):
-        super().__init__()
-        self.weight = weight
+        super().__init__(weight, mesh)
         self.out_features, self.in_features = weight.shape
-        self.group = mesh.get_group()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        start, local = _rows(self.weight)
+        local = self.weight.to_local()  # (rows, H)
         flat = hidden.reshape(-1, hidden.shape[-1])  # (M, H)
         if torch.is_autocast_enabled(hidden.device.type):  # what nn.Linear under autocast computes in
             dtype = torch.get_autocast_dtype(hidden.device.type)
