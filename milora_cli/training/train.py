@@ -114,14 +114,17 @@ def _train(recipe: Recipe, accelerator: Accelerator, ranks: Ranks, console: Cons
     summary |= loop.benchmarks.after_training(loop.step)
     run.write("summary.json", json.dumps(summary, indent=2))
     console.print(f"adapter written to [bold]{run.path / 'adapter'}[/]")
-    _leave_process_group(accelerator)
+    _leave_process_group(accelerator, loop)
     return summary
 
 
-def _leave_process_group(accelerator: Accelerator) -> None:
+def _leave_process_group(accelerator: Accelerator, loop: Loop) -> None:
     """Every process done, then the trackers closed and the group torn down (end_training): a gloo process that
     exits with its threads still running aborts ('terminate called without an active exception'), failing a run
-    that finished."""
+    that finished. DDP's wrapper goes first, while its group lives: its Reducer freed after the teardown, at
+    exit, once left rank 0 waiting on a gloo thread for good (seen in a 2-process test)."""
+    loop.loss_module = loop.optimizer = None
+    accelerator.free_memory()  # Accelerate's own references to what it prepared
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
@@ -187,7 +190,7 @@ def _run_loop(loop: Loop, console: Console) -> None:
             if interrupted() and loop.step < loop.max_steps:
                 loop.saver.save("periodic", loop.step, optimizer=loop.optimizer.optimizer, best=loop.best)
                 console.print(f"[yellow]interrupted:[/] checkpoint at step {loop.step}; run the same command again to resume")
-                _leave_process_group(accelerator)  # every process stops at this step: interrupted() agreed on it
+                _leave_process_group(accelerator, loop)  # every process stops at this step: interrupted() agreed on it
                 raise SystemExit(130)
 
 
