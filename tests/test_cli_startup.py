@@ -1,6 +1,7 @@
 """`milora --help` answers at once and shell completion works: the heavy libraries load inside the commands only."""
 
 import os
+import shlex
 import subprocess
 import sys
 
@@ -54,8 +55,10 @@ def test_completion_of_commands_and_choices():
 
 
 def test_show_completion_prints_the_script():
-    env = {**os.environ, "SHELL": "/bin/bash"}
-    result = subprocess.run([sys.executable, "-m", "milora_cli", "--show-completion", "bash"], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=120)
+    # Typer takes the shell from the process tree (shellingham), not from an argument or $SHELL: run it from a
+    # bash (a second command after it keeps bash from exec-ing it away), as a user types it in one; a test run
+    # whose parents hold no shell (a daemonised CI job) otherwise gets "Shell  not supported."
+    command = f"{shlex.quote(sys.executable)} -m milora_cli --show-completion; exit $?"
+    result = subprocess.run(["bash", "-c", command], cwd=REPO, env=os.environ, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "_MILORA_COMPLETE=complete_bash" in result.stdout
