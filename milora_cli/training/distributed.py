@@ -6,7 +6,7 @@ Under `train.distributed: fsdp` the whole model is sharded, on the meta device, 
 (sharded_load.py): the embedding and the head by vocabulary rows (vocab_parallel.py), the rest by
 torch.distributed.fsdp.fully_shard (each adapter's factors, each linear layer, each decoder layer, the
 root, as torchtitan and torchtune do). The adapter state divides by the
-process count too: lora_A, lora_B (float32), their gradients (reduce-scattered in float32), AdamW's two
+process count too: lora_A, lora_B (float32), their gradients (reduce-scattered in the factors' dtype: float32, float64 in an fp64 run), AdamW's two
 moments and the frozen A0, B0 are each held as this process's rows. The adapter folder, the checkpoints
 and a resume see whole tensors (dtensor.py gathers and slices them).
 """
