@@ -2,6 +2,7 @@
 tensors saved, a merge that reproduces it, and an interrupted run that resumes exactly."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,3 +92,32 @@ def test_a_bf16_base_with_fp32_factors_trains_sharded(tiny_model_dir, tiny_data,
     torchrun(write_recipe(tmp_path / "bf16.yaml", raw))
     curve = [r["loss"] for r in lines(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert len(curve) == 4 and all(torch.isfinite(torch.tensor(curve))) and curve[-1] < curve[0]
+
+
+def test_a_sharded_run_resumes_on_another_process_count(tiny_model_dir, tiny_data, tmp_path):
+    """A requeued job may get fewer or more processes than it started on: checkpoints hold whole tensors (each
+    process keeps its rows on read), and the global batch fixes the accumulation, so a 2-process fsdp run resumed
+    on 1 process, and a 1-process run resumed on 2 fsdp processes, each equal the straight run (float64)."""
+    settings = {"dtype": "fp64", "max_steps": 6, "save_every": 3, "eval_every": None, "micro_batch_size": 2, "global_batch_size": 4,
+                "distributed": "fsdp"}
+
+    def stopped_copy(straight: Path, name: str) -> dict:
+        """The straight run as it was after its step-3 checkpoint: its folder without what came later."""
+        stopped = tmp_path / name
+        shutil.copytree(straight, stopped, ignore=shutil.ignore_patterns("adapter", "best", "summary.json", "step-000006"))
+        (stopped / "recipe.yaml").write_text((straight / "recipe.yaml").read_text().replace(str(straight), str(stopped)))
+        assert [path.name for path in checkpoints.training_checkpoints(stopped)] == ["step-000003"]
+        return tiny_recipe(tiny_model_dir, tiny_data, stopped, **settings)
+
+    two = tmp_path / "two"
+    torchrun(write_recipe(tmp_path / "two.yaml", tiny_recipe(tiny_model_dir, tiny_data, two, **settings)))
+    onto_one = stopped_copy(two, "two-then-one")
+    train(validate(onto_one), Console(quiet=True), resume_at="latest")
+    assert max_rel_diff(factors(Path(onto_one["output"]["dir"]) / "adapter"), factors(two / "adapter")) <= EXACT_FP64
+
+    one = tmp_path / "one"
+    train(validate(tiny_recipe(tiny_model_dir, tiny_data, one, **settings)), Console(quiet=True))
+    onto_two = stopped_copy(one, "one-then-two")
+    result = torchrun(write_recipe(tmp_path / "onto-two.yaml", onto_two), "--resume")
+    assert "resumed from" in result.stdout and "at step 3" in result.stdout and "parameters on each of 2 processes" in result.stdout
+    assert max_rel_diff(factors(Path(onto_two["output"]["dir"]) / "adapter"), factors(one / "adapter")) <= EXACT_FP64
