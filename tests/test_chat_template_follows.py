@@ -10,8 +10,10 @@ template is a second real one, Zephyr's.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import yaml
 from test_chat import chat_rows, write_jsonl
 from test_evaluate import read_results, tiny_data_dir
 from test_train import tiny_recipe
@@ -117,3 +119,27 @@ def test_a_kept_template_that_is_missing_or_edited_is_one_line(tiny_model_dir, t
     result = CliRunner().invoke(app, ["merge", "--adapter", str(run), "--output", str(tmp_path / "merged")])
     assert result.exit_code == 2 and "chat_template.jinja" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "merged").exists()
+
+
+
+def test_a_resume_after_the_template_file_changed_is_refused_and_resumes_once_restored(tiny_model_dir, tmp_path):
+    """The recipe names the same file, so the recipe check passes; the checkpoint's kept template tells that the run
+    would go on with another template than its first steps trained with."""
+    template, run = tmp_path / "zephyr.jinja", tmp_path / "run"
+    template.write_text(ZEPHYR_TEMPLATE)
+    raw = tiny_recipe(tiny_model_dir, write_jsonl(tmp_path / "chat.jsonl", chat_rows(16)), run, max_steps=3, save_every=1, eval_every=None)
+    raw["data"]["chat_template"] = str(template)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    train(validate(raw), Console(quiet=True))
+    # the run as a stop after its step-2 checkpoint left it
+    shutil.rmtree(run / "adapter"), (run / "summary.json").unlink()  # the last step writes the adapter, not a checkpoint
+    template.write_text(ZEPHYR_TEMPLATE.replace("<|user|>", "<|human|>"))
+    refused = CliRunner().invoke(app, ["train", str(recipe)])
+    said = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and f"data.chat_template {template} has changed since" in said and "Traceback" not in said, said
+    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002"]  # nothing deleted
+    template.write_text(ZEPHYR_TEMPLATE)
+    resumed = CliRunner().invoke(app, ["train", str(recipe)])
+    assert resumed.exit_code == 0 and "at step 2" in resumed.output, resumed.output
+    assert adapter_folder.read_adapter(run / "adapter").chat_template == ZEPHYR_TEMPLATE

@@ -136,13 +136,16 @@ class Saver:
 
 
 def resume(found: list[Path], adapters: dict[str, adapter.MiloraLinear], optimizer: torch.optim.Optimizer,
-           ranks: Ranks, console: Console) -> tuple[int, float]:
+           ranks: Ranks, console: Console, template: tuple[str, str] | None = None) -> tuple[int, float]:
     """Load the newest intact periodic checkpoint into the adapters, the optimizer and this rank's RNG; return
     (step, best validation loss). A damaged checkpoint is reported and skipped; none intact is an AdapterError.
-    Later checkpoints, of the continuation being replaced (or damaged), are deleted."""
+    Later checkpoints, of the continuation being replaced (or damaged), are deleted.
+
+    `template`: (data.chat_template, its text now); a checkpoint that kept another text is a RecipeError: the
+    recipe names the same file, but the run would go on with another template than it trained with."""
     for folder in reversed(found):
         try:
-            step, best = _load(folder, adapters, optimizer, ranks)
+            step, best = _load(folder, adapters, optimizer, ranks, template)
         except AdapterError as error:
             console.print(f"[yellow]warning:[/] skipping a damaged checkpoint: {escape(str(error))}")
             continue
@@ -153,8 +156,12 @@ def resume(found: list[Path], adapters: dict[str, adapter.MiloraLinear], optimiz
     )
 
 
-def _load(folder: Path, adapters: dict[str, adapter.MiloraLinear], optimizer: torch.optim.Optimizer, ranks: Ranks) -> tuple[int, float]:
+def _load(folder: Path, adapters: dict[str, adapter.MiloraLinear], optimizer: torch.optim.Optimizer, ranks: Ranks,
+          template: tuple[str, str] | None) -> tuple[int, float]:
     found = adapter_folder.read_adapter(folder)
+    if template is not None and found.chat_template not in (None, template[1]):  # None: kept before templates were
+        raise RecipeError(f"data.chat_template {template[0]} has changed since {folder} was written with it; restore it to resume, "
+                          "or choose another output.dir to train with the new one")
     try:
         adapter.load_adapter_tensors(adapters, found.trained, found.initial)
     except ModelError as error:

@@ -97,7 +97,8 @@ def _train(recipe: Recipe, accelerator: Accelerator, ranks: Ranks, console: Cons
                           setup.chat_template)
     loop = _prepare(recipe, setup, accelerator, saver, console, accumulation)
     if isinstance(resume_from, list):
-        loop.step, loop.best = run_dir.resume(resume_from, setup.adapters, loop.optimizer.optimizer, ranks, console)
+        template = (recipe.data.chat_template, setup.chat_template) if setup.chat_template is not None else None
+        loop.step, loop.best = run_dir.resume(resume_from, setup.adapters, loop.optimizer.optimizer, ranks, console, template)
     else:
         summary |= scorer.score("before")
     resume_step = loop.step if isinstance(resume_from, list) else None
