@@ -1,5 +1,7 @@
 """`milora eval`: answer extraction on real records, prompts equal to training's, token loss, resume, hooks."""
 
+import copy
+import hashlib
 import json
 import math
 import os
@@ -216,6 +218,32 @@ def test_an_output_folder_of_other_settings_is_refused(tiny, tmp_path):
     with pytest.raises(EvalError, match="model"):
         suite.evaluate_model(model, tokenizer, eval_cfg(data_dir, limit=2), out, "another model", QUIET)
 
+
+
+def test_a_folder_asked_through_another_chat_template_is_refused_and_one_from_before_the_key_resumes(tiny, tmp_path):
+    """--prompt chat asks through the tokenizer's template, so the template is a setting (its sha256): a base whose
+    template changed (another hub revision, an edited chat_template.jinja) does not mix its prompts into a folder.
+    A folder written before `prompt` and `chat_template` were kept was scored with the Alpaca prompt and resumes so."""
+    from test_chat_template_follows import ZEPHYR_TEMPLATE
+
+    model, tokenizer = tiny
+    data_dir, out, before = tiny_data_dir(tmp_path), tmp_path / "chat", tmp_path / "before"
+    suite.evaluate_model(model, tokenizer, eval_cfg(data_dir, limit=2, tasks=["boolq"], prompt="chat"), out, "tiny", QUIET)
+    kept = json.loads((out / suite.SETTINGS_FILE).read_text())["chat_template"]
+    assert kept == "sha256:" + hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()
+    zephyr = copy.deepcopy(tokenizer)
+    zephyr.chat_template = ZEPHYR_TEMPLATE
+    with pytest.raises(EvalError, match="chat_template"):
+        suite.evaluate_model(model, zephyr, eval_cfg(data_dir, limit=3, tasks=["boolq"], prompt="chat"), out, "tiny", QUIET)
+    assert len(read_results(out)) == 2  # nothing scored into it
+    suite.evaluate_model(model, tokenizer, eval_cfg(data_dir, limit=2, tasks=["boolq"]), before, "tiny", QUIET)
+    saved = json.loads((before / suite.SETTINGS_FILE).read_text())
+    assert saved["chat_template"] is None and saved["prompt"] == "alpaca"
+    (before / suite.SETTINGS_FILE).write_text(json.dumps({k: v for k, v in saved.items() if k not in ("prompt", "chat_template")}))
+    with pytest.raises(EvalError, match="other settings"):  # it was scored with the Alpaca prompt, not through a template
+        suite.evaluate_model(model, tokenizer, eval_cfg(data_dir, limit=3, tasks=["boolq"], prompt="chat"), before, "tiny", QUIET)
+    summary = suite.evaluate_model(model, tokenizer, eval_cfg(data_dir, limit=3, tasks=["boolq"]), before, "tiny", QUIET)
+    assert summary["tasks"]["boolq"]["examples"] == 3 and len(read_results(before)) == 3  # resumed: 2 kept, 1 scored
 
 def test_chat_prompts_ask_each_question_as_one_user_turn_through_the_chat_template(tiny, tmp_path):
     model, tokenizer = tiny

@@ -2,7 +2,8 @@
 
 An output folder holds
 
-    settings.json       what the scores depend on (model, beams, token budgets, window); other settings are refused
+    settings.json       what the scores depend on (model, beams, token budgets, window, prompt style and chat
+                        template); other settings are refused
     predictions.jsonl   one scored example a line: task, id, prompt, generation, prediction, gold, correct
                         (WikiText windows: nll, tokens). Appended batch by batch with flush + fsync: a killed
                         eval, run again, skips what was scored and drops a torn last line, so every example
@@ -16,6 +17,7 @@ is context only. `limit` takes the first N examples of each task (for WikiText t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -36,6 +38,8 @@ from milora_cli.recipe import EvalConfig, Quantize
 from milora_cli.runlog import bar_columns
 
 RESULTS_FILE, SUMMARY_FILE, SETTINGS_FILE = "predictions.jsonl", "summary.json", "settings.json"
+# what a folder written before a setting was kept was scored with: the Alpaca prompt, so no chat template
+_SCORED_BEFORE = {"prompt": "alpaca", "chat_template": None}
 
 
 def run(model_or_run: str, cfg: EvalConfig, output: Path, dtype: str | None, console: Console, quantized: Quantize | None = None,
@@ -112,7 +116,7 @@ def evaluate_model(
     if not cfg.tasks:
         raise EvalError("no tasks to run; name some, e.g. --tasks boolq,gsm8k,wikitext")
     settings = {"model": identity, "window": min(cfg.ppl_window, _context(model, cfg.ppl_window))} | cfg.model_dump(
-        include={"num_beams", "choice_max_new_tokens", "math_max_new_tokens", "prompt"})
+        include={"num_beams", "choice_max_new_tokens", "math_max_new_tokens", "prompt"}) | {"chat_template": _template_digest(tokenizer, cfg)}
     results = Results(output, settings) if ranks.main else None
     selected = {}
     with _progress(console, bars) as bar:
@@ -127,6 +131,15 @@ def evaluate_model(
     console.print(table({"score": summary}))
     console.print(f"per-example results in [bold]{output / RESULTS_FILE}[/], summary in {output / SUMMARY_FILE}")
     return summary
+
+
+def _template_digest(tokenizer, cfg: EvalConfig) -> str | None:
+    """The chat template the questions are asked through (--prompt chat), as `sha256:HEX`: a folder scored through
+    another (a base's own, then a run's data.chat_template) holds other prompts, and is not resumed; None for alpaca."""
+    if cfg.prompt != "chat":
+        return None
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(tokenizer.chat_template, sort_keys=True)
+    return "sha256:" + hashlib.sha256(template.encode("utf-8")).hexdigest()
 
 
 def _context(model, default: int) -> int:
@@ -193,7 +206,7 @@ class Results:
         folder.mkdir(parents=True, exist_ok=True)
         saved = folder / SETTINGS_FILE
         if saved.is_file():
-            old = atomic.read_json(saved, f"the eval in {folder}", EvalError)
+            old = _SCORED_BEFORE | atomic.read_json(saved, f"the eval in {folder}", EvalError)
             for key in sorted(set(old) | set(settings)):
                 if old.get(key) != settings.get(key):
                     raise EvalError(
