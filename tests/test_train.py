@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -100,6 +101,11 @@ def test_a_run_dir_of_another_recipe_is_refused(tiny_model_dir, tiny_data, tmp_p
     with pytest.raises(RecipeError, match="different recipe"):
         run(tiny_recipe(tiny_model_dir, tiny_data, out, max_steps=1))
     assert run(tiny_recipe(tiny_model_dir, tiny_data, out, max_steps=0))["complete"]
+    # a run an older milora started: its recipe.yaml holds output.tensorboard (retired for output.report_to, b575e9d)
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    saved["output"]["tensorboard"] = True
+    (out / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    assert run(tiny_recipe(tiny_model_dir, tiny_data, out, max_steps=0))["complete"]  # the same run, not "not a valid recipe"
 
 
 def test_a_recipe_that_fails_to_load_does_not_claim_its_run_dir(tiny_model_dir, tiny_data, tmp_path):

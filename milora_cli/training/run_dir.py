@@ -89,13 +89,26 @@ class RunDir:
 def _differences(saved_yaml: str, recipe_yaml: str) -> str:
     """The keys whose values differ between the saved recipe (with today's defaults) and this one; "" if none."""
     try:
-        saved = _flat(yaml.safe_load(dump_recipe(validate(yaml.safe_load(saved_yaml) or {}))))
-    except (RecipeError, yaml.YAMLError):
+        saved = _flat(yaml.safe_load(dump_recipe(validate(_without_retired(yaml.safe_load(saved_yaml) or {})))))
+    except (RecipeError, yaml.YAMLError, AttributeError):
         return "its recipe.yaml is not a valid recipe"
     now = _flat(yaml.safe_load(recipe_yaml))
     keys = [key for key in dict.fromkeys([*saved, *now]) if saved.get(key) != now.get(key)]
     shown = "; ".join(f"{key}: {saved.get(key)!r} there, {now.get(key)!r} now" for key in keys[:3])
     return shown + (f"; and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+# Keys a recipe.yaml of an older milora holds and today's schema does not, that change nothing a resume depends on:
+# output.tensorboard (before output.report_to, b575e9d) wrote TensorBoard logs beside the run when the package was there.
+_RETIRED = (("output", "tensorboard"),)
+
+
+def _without_retired(tree: dict) -> dict:
+    """A saved recipe without _RETIRED's keys, so that a run an older milora started still resumes."""
+    for section, key in _RETIRED:
+        if isinstance(tree.get(section), dict):
+            tree[section].pop(key, None)
+    return tree
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
