@@ -121,7 +121,6 @@ def test_a_kept_template_that_is_missing_or_edited_is_one_line(tiny_model_dir, t
     assert not (tmp_path / "merged").exists()
 
 
-
 def test_a_resume_after_the_template_file_changed_is_refused_and_resumes_once_restored(tiny_model_dir, tmp_path):
     """The recipe names the same file, so the recipe check passes; the checkpoint's kept template tells that the run
     would go on with another template than its first steps trained with."""

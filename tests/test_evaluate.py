@@ -219,7 +219,6 @@ def test_an_output_folder_of_other_settings_is_refused(tiny, tmp_path):
         suite.evaluate_model(model, tokenizer, eval_cfg(data_dir, limit=2), out, "another model", QUIET)
 
 
-
 def test_a_folder_asked_through_another_chat_template_is_refused_and_one_from_before_the_key_resumes(tiny, tmp_path):
     """--prompt chat asks through the tokenizer's template, so the template is a setting (its sha256): a base whose
     template changed (another hub revision, an edited chat_template.jinja) does not mix its prompts into a folder.
@@ -244,6 +243,7 @@ def test_a_folder_asked_through_another_chat_template_is_refused_and_one_from_be
         suite.evaluate_model(model, tokenizer, eval_cfg(data_dir, limit=3, tasks=["boolq"], prompt="chat"), before, "tiny", QUIET)
     summary = suite.evaluate_model(model, tokenizer, eval_cfg(data_dir, limit=3, tasks=["boolq"]), before, "tiny", QUIET)
     assert summary["tasks"]["boolq"]["examples"] == 3 and len(read_results(before)) == 3  # resumed: 2 kept, 1 scored
+
 
 def test_chat_prompts_ask_each_question_as_one_user_turn_through_the_chat_template(tiny, tmp_path):
     model, tokenizer = tiny

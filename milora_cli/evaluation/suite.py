@@ -17,7 +17,6 @@ is context only. `limit` takes the first N examples of each task (for WikiText t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -139,7 +138,7 @@ def _template_digest(tokenizer, cfg: EvalConfig) -> str | None:
     if cfg.prompt != "chat":
         return None
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(tokenizer.chat_template, sort_keys=True)
-    return "sha256:" + hashlib.sha256(template.encode("utf-8")).hexdigest()
+    return "sha256:" + adapter_folder.sha256(template.encode("utf-8"))
 
 
 def _context(model, default: int) -> int:
