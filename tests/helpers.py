@@ -1,6 +1,7 @@
 """What several test files share: the repository root, the CLI in a fresh interpreter, a relative error, the
-float64 tolerance of exact equalities."""
+float64 tolerance of exact equalities, a run as a stop after a checkpoint leaves it."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,13 @@ REPO = Path(__file__).resolve().parents[1]
 def milora(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m milora_cli ARGS` as a user runs it, output captured."""
     return subprocess.run([sys.executable, "-m", "milora_cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def stopped_copy(straight: Path, stopped: Path) -> None:
+    """`straight`'s run folder as `stopped`, as a stop after its last checkpoint would have left it: without the
+    final and best adapters and the summary, its recipe.yaml naming `stopped` as its output.dir."""
+    shutil.copytree(straight, stopped, ignore=shutil.ignore_patterns("adapter", "best", "summary.json"))
+    (stopped / "recipe.yaml").write_text((straight / "recipe.yaml").read_text().replace(str(straight), str(stopped)))
 
 
 def rel_max_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ import json
 import shutil
 
 import pytest
-from helpers import EXACT_FP64, REPO
+from helpers import EXACT_FP64, REPO, stopped_copy
 from rich.console import Console
 from test_distributed import torchrun, write_recipe
 from test_packing import assert_packing_is_exact
@@ -217,8 +217,7 @@ def test_conversations_train_alike_on_two_processes_and_resume_to_the_straight_r
         assert (two / name).read_text() == (one / name).read_text()
     assert max_rel_diff(factors(two / "adapter"), factors(one / "adapter")) < EXACT_FP64  # helpers.EXACT_FP64's bound
     # The 1-process run stopped after its step-3 checkpoint, resumed.
-    shutil.copytree(one, stopped, ignore=shutil.ignore_patterns("adapter", "best", "summary.json"))
-    (stopped / "recipe.yaml").write_text((one / "recipe.yaml").read_text().replace(str(one), str(stopped)))
+    stopped_copy(one, stopped)
     summary = train(validate(recipe(stopped)), Console(quiet=True), resume_at="latest")
     assert "heldout_before" not in summary  # resumed, not trained again from the start
     assert summary["steps"] == 6 and max_rel_diff(factors(stopped / "adapter"), factors(one / "adapter")) <= EXACT_FP64

@@ -2,7 +2,6 @@
 tensors saved, a merge that reproduces it, and an interrupted run that resumes exactly."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import psutil
 import torch
 from rich.console import Console
 
-from helpers import EXACT_FP64, REPO, rel_max_error
+from helpers import EXACT_FP64, REPO, rel_max_error, stopped_copy
 from milora_cli import merge
 from milora_cli.recipe import validate
 from milora_cli.training import checkpoints
@@ -101,23 +100,21 @@ def test_a_sharded_run_resumes_on_another_process_count(tiny_model_dir, tiny_dat
     settings = {"dtype": "fp64", "max_steps": 6, "save_every": 3, "eval_every": None, "micro_batch_size": 2, "global_batch_size": 4,
                 "distributed": "fsdp"}
 
-    def stopped_copy(straight: Path, name: str) -> dict:
-        """The straight run as it was after its step-3 checkpoint: its folder without what came later."""
-        stopped = tmp_path / name
-        shutil.copytree(straight, stopped, ignore=shutil.ignore_patterns("adapter", "best", "summary.json", "step-000006"))
-        (stopped / "recipe.yaml").write_text((straight / "recipe.yaml").read_text().replace(str(straight), str(stopped)))
-        assert [path.name for path in checkpoints.training_checkpoints(stopped)] == ["step-000003"]
-        return tiny_recipe(tiny_model_dir, tiny_data, stopped, **settings)
+    def stopped_after_step_3(straight: Path, name: str) -> dict:
+        """The straight run as it was after its step-3 checkpoint (the last step writes the adapter, not one)."""
+        stopped_copy(straight, tmp_path / name)
+        assert [path.name for path in checkpoints.training_checkpoints(tmp_path / name)] == ["step-000003"]
+        return tiny_recipe(tiny_model_dir, tiny_data, tmp_path / name, **settings)
 
     two = tmp_path / "two"
     torchrun(write_recipe(tmp_path / "two.yaml", tiny_recipe(tiny_model_dir, tiny_data, two, **settings)))
-    onto_one = stopped_copy(two, "two-then-one")
+    onto_one = stopped_after_step_3(two, "two-then-one")
     train(validate(onto_one), Console(quiet=True), resume_at="latest")
     assert max_rel_diff(factors(Path(onto_one["output"]["dir"]) / "adapter"), factors(two / "adapter")) <= EXACT_FP64
 
     one = tmp_path / "one"
     train(validate(tiny_recipe(tiny_model_dir, tiny_data, one, **settings)), Console(quiet=True))
-    onto_two = stopped_copy(one, "one-then-two")
+    onto_two = stopped_after_step_3(one, "one-then-two")
     result = torchrun(write_recipe(tmp_path / "onto-two.yaml", onto_two), "--resume")
     assert "resumed from" in result.stdout and "at step 3" in result.stdout and "parameters on each of 2 processes" in result.stdout
     assert max_rel_diff(factors(Path(onto_two["output"]["dir"]) / "adapter"), factors(one / "adapter")) <= EXACT_FP64

@@ -1,7 +1,6 @@
 """The training loop: accumulation equivalence, resume, init-only runs, and the real-model acceptance runs."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file
 
-from helpers import EXACT_FP64, milora
+from helpers import EXACT_FP64, milora, stopped_copy
 from milora_cli import adapter_folder, atomic
 from milora_cli.recipe import validate
 from milora_cli.training.step import BatchStream, learning_rate
@@ -82,11 +81,8 @@ def test_resume_gives_the_same_adapter_as_a_straight_run(tiny_model_dir, tiny_da
     run(tiny_recipe(tiny_model_dir, tiny_data, straight, "fp64", max_steps=6, save_every=3))
     # A run that stopped after its step-3 checkpoint: the same folder without what came later.
     stopped = tmp_path / "stopped"
-    shutil.copytree(straight, stopped)
-    for later in ("adapter", "best", "summary.json"):
-        shutil.rmtree(stopped / later, ignore_errors=True) if (stopped / later).is_dir() else (stopped / later).unlink(missing_ok=True)
+    stopped_copy(straight, stopped)
     raw = tiny_recipe(tiny_model_dir, tiny_data, stopped, "fp64", max_steps=6, save_every=3)
-    (stopped / "recipe.yaml").write_text((straight / "recipe.yaml").read_text().replace(str(straight), str(stopped)))
     run(raw)
     assert max_rel_diff(factors(stopped / "adapter"), factors(straight / "adapter")) <= EXACT_FP64
     steps = [json.loads(line)["step"] for line in (stopped / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
